@@ -1,0 +1,169 @@
+"""lmzoo's own checkpoints: a directory per checkpoint, written atomically.
+
+    <dir>/config.json         {"family": ..., model config fields}
+    <dir>/model.safetensors   the weights (tied weights stored once)
+    <dir>/tokenizer/          the tokenizer, when known (lmzoo.tokenizer format)
+    <dir>/train_state.pt      optional: optimizer, schedule, RNG, data position, step
+                              (plain tensors and numbers, read with torch.load(weights_only=True))
+
+A run directory holds ``ckpt-<step>`` checkpoints, ``best`` and a ``LATEST`` file naming the
+newest complete one. Every checkpoint is written under a temporary name and renamed, so a kill
+at any moment leaves either the previous state or the new one, never a partial directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path, atomic_write_text
+from .config import read_json
+from .errors import CheckpointError, LmzooError
+from .models import build_model, config_from_dict, config_to_dict
+from .models.base import LanguageModel
+
+WEIGHTS, CONFIG, TRAIN_STATE, TOKENIZER = "model.safetensors", "config.json", "train_state.pt", "tokenizer"
+LATEST = "LATEST"
+
+
+def model_state(model: LanguageModel) -> dict[str, torch.Tensor]:
+    """The state dict with tied (shared) tensors kept once, contiguous, ready for safetensors."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape, v.stride()) if v.device.type != "meta" else id(v)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().contiguous()
+    return out
+
+
+def write_checkpoint(
+    model: LanguageModel,
+    directory: str | Path,
+    tokenizer=None,
+    train_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint directory atomically (a temp dir renamed into place)."""
+    directory = Path(directory)
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt", "lmzoo": "1"})
+        cfg = config_to_dict(model)
+        if extra:
+            cfg["lmzoo"] = extra
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+    return directory
+
+
+def save(model: LanguageModel, directory: str | Path, tokenizer=None) -> Path:
+    """Save a model (and its tokenizer) as an lmzoo checkpoint directory."""
+    return write_checkpoint(model, directory, tokenizer)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint or a run directory (newest complete checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint directory")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a directory (expected a checkpoint or run directory)")
+    if (p / CONFIG).exists() or (p / WEIGHTS).exists():
+        return p
+    latest = p / LATEST
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if name and (p / name / CONFIG).is_file():
+            return p / name
+    ckpts = sorted(p.glob("ckpt-*"), key=lambda q: q.name)
+    ckpts = [c for c in ckpts if (c / CONFIG).is_file() and (c / WEIGHTS).is_file()]
+    if ckpts:
+        return ckpts[-1]
+    raise CheckpointError(f"{p}: no checkpoint found (expected {CONFIG} and {WEIGHTS}, or ckpt-* directories)")
+
+
+def read_config(directory: str | Path) -> tuple[str, Any, dict[str, Any]]:
+    """(family, Config, raw dict) of a checkpoint directory."""
+    d = Path(directory)
+    if not (d / CONFIG).is_file():
+        raise CheckpointError(f"{d}: missing {CONFIG}")
+    try:
+        raw = read_json(d / CONFIG)
+    except LmzooError as e:
+        raise CheckpointError(str(e)) from None
+    raw_cfg = {k: v for k, v in raw.items() if k != "lmzoo"}
+    try:
+        family, cfg = config_from_dict(raw_cfg)
+    except LmzooError as e:
+        raise CheckpointError(f"{d / CONFIG}: {e}") from None
+    return family, cfg, raw
+
+
+def load_weights(model: LanguageModel, file: str | Path, strict: bool = True) -> None:
+    """Load safetensors weights, naming any missing, unexpected or mis-shaped tensor."""
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing weights file")
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+    expected = model.state_dict()
+    tied = set(expected) - set(model_state(model))
+    for k, v in state.items():
+        if k not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor {k!r} (not in the {model.family} model)")
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(
+                f"{file}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}"
+            )
+    missing = [k for k in expected if k not in state and k not in tied]
+    if strict and missing:
+        raise CheckpointError(f"{file}: missing tensor(s) {', '.join(missing[:5])}")
+    model.load_state_dict(state, strict=False)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LanguageModel:
+    """Load an lmzoo checkpoint (or the newest one of a run directory) as an eval-mode model."""
+    d = resolve(path)
+    family, cfg, _ = read_config(d)
+    model = build_model(family, cfg)
+    load_weights(model, d / WEIGHTS)
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model.eval()
+
+
+def load_tokenizer_of(path: str | Path):
+    """The tokenizer saved with a checkpoint, or None."""
+    d = resolve(path)
+    if not (d / TOKENIZER).is_dir():
+        return None
+    from .tokenizer import load_tokenizer
+
+    return load_tokenizer(d / TOKENIZER)
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any]:
+    f = Path(directory) / TRAIN_STATE
+    if not f.is_file():
+        raise CheckpointError(f"{directory}: missing {TRAIN_STATE} (not a training checkpoint)")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: never unpickle arbitrary objects
+        raise CheckpointError(f"{f}: unreadable train state ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def mark_latest(run_dir: str | Path, name: str) -> None:
+    atomic_write_text(Path(run_dir) / LATEST, name + "\n")

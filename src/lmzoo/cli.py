@@ -1,0 +1,305 @@
+"""The ``lmzoo`` command line: each subcommand parses arguments and calls a library function.
+
+Errors a user can cause are one line on stderr (``lmzoo: error: ...``) with exit code 2, never a
+traceback. Settings come from an optional YAML recipe (``--config``) and ``--key=value``
+overrides, checked against the typed config (an unknown key names the closest ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ConfigError, LmzooError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) instead of a usage dump."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        sub = self.prog.split()[-1]
+        raise ConfigError(message if sub == "lmzoo" else f"{sub}: {message}")
+
+
+def _train_config(args: argparse.Namespace, extra: list[str]):
+    from .config import parse_overrides, read_yaml
+    from .train.config import TrainConfig, split_overrides
+
+    settings = read_yaml(args.config) if args.config else {}
+    if "model" in settings and isinstance(settings["model"], dict):
+        raise ConfigError(f"{args.config}: 'model' must be a preset name; put overrides under model_args")
+    overrides = split_overrides(parse_overrides(extra))
+    if args.resume:
+        overrides["resume"] = True
+    merged = {**settings, **{k: v for k, v in overrides.items() if k != "model_args"}}
+    if "model_args" in overrides or "model_args" in settings:
+        merged["model_args"] = {**(settings.get("model_args") or {}), **overrides.get("model_args", {})}
+    return TrainConfig.from_dict(merged)
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .train import Trainer
+
+    cfg = _train_config(args, extra)
+    trainer = Trainer(cfg)
+    mcfg = trainer.model.config
+    print(
+        f"model {cfg.model}: {trainer.model.num_params():,} parameters, {mcfg.n_layer} layers, "
+        f"context {trainer.block_size}; data {trainer.data_dir} ({trainer.meta['train_tokens']:,} train tokens); "
+        f"device {trainer.device}, {str(trainer.dtype).replace('torch.', '')}"
+    )
+    summary = trainer.train()
+    if summary["interrupted"]:
+        print(f"interrupted at step {summary['step']}: checkpoint saved in {cfg.out_dir}; continue with --resume")
+        return 0
+    print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, {summary['wall_s']:.0f} s")
+    print(f"checkpoint: {cfg.out_dir}  (lmzoo generate --checkpoint {cfg.out_dir} --prompt ...)")
+    if cfg.sample_tokens:
+        from .generate import generate
+
+        tok = trainer.tokenizer
+        prompt = _encode_prompt(tok, cfg.sample_prompt)
+        out = generate(trainer.model, [prompt], cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
+        print("--- sample ---")
+        print(tok.decode(prompt + out[0]))
+    return 0
+
+
+def _encode_prompt(tok, text: str) -> list[int]:
+    try:
+        ids = tok.encode(text)
+    except LmzooError:
+        ids = []
+    if not ids:
+        ids = [tok.eos_id if tok.eos_id is not None else 0]
+    return ids
+
+
+def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    from .data import prepare
+
+    if extra:
+        raise ConfigError(f"prepare: unrecognized arguments: {' '.join(extra)}")
+    out = prepare(
+        args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction, text_field=args.text_field, input=args.input, workers=args.workers,
+    )
+    from .data import load_meta
+
+    meta = load_meta(out)
+    print(
+        f"prepared {out}: vocab {meta['vocab_size']}, {meta['train_tokens']:,} train and "
+        f"{meta['val_tokens']:,} val tokens"
+    )
+    return 0
+
+
+def _load_any(path: str, device: str = "cpu"):
+    """(model, tokenizer) from an lmzoo checkpoint/run directory or a Hugging Face directory."""
+    from . import checkpoint as ckpt
+
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if cfg_file.is_file() and '"family"' not in cfg_file.read_text(errors="replace"):
+        from .convert import from_hf
+        from .tokenizer import load_tokenizer
+
+        model = from_hf(p, device=device)
+        try:
+            tok = load_tokenizer(p)
+        except LmzooError:
+            tok = None
+        return model, tok
+    model = ckpt.load(p, device=device)
+    return model, ckpt.load_tokenizer_of(p)
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from .generate import stream
+    from .train.trainer import resolve_device
+
+    if extra:
+        raise ConfigError(f"generate: unrecognized arguments: {' '.join(extra)}")
+    device = resolve_device(args.device)
+    model, tok = _load_any(args.checkpoint, device=str(device))
+    if tok is None:
+        raise ConfigError(f"{args.checkpoint}: no tokenizer saved with the checkpoint")
+    prompt = _encode_prompt(tok, args.prompt)
+    stops = []
+    if tok.eos_id is not None:
+        stops.append(tok.eos_id)
+    if args.stop:
+        stop_ids = tok.encode(args.stop)
+        if len(stop_ids) != 1:
+            raise ConfigError(f"--stop must be a single token in this tokenizer, {args.stop!r} is {len(stop_ids)}")
+        stops += stop_ids
+    limit = model.max_positions() if hasattr(model, "max_positions") else None
+    n_new = args.max_new_tokens
+    if limit is not None:
+        if len(prompt) >= limit:
+            prompt = prompt[-(limit - 1):]  # keep the end of a long prompt
+        n_new = min(n_new, limit - len(prompt))
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        text_so_far = tok.decode(prompt)
+        sys.stdout.write(text_so_far)
+        sys.stdout.flush()
+        new: list[int] = []
+        for toks in stream(
+            model, [prompt], n_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            stop_tokens=stops, seed=seed,
+        ):
+            t = int(toks[0])
+            if t in stops:
+                break
+            new.append(t)
+            text = tok.decode(prompt + new)  # decode the whole so multi-byte characters print whole
+            if text.startswith(text_so_far) and not text.endswith("\ufffd"):
+                sys.stdout.write(text[len(text_so_far):])
+                sys.stdout.flush()
+                text_so_far = text
+        text = tok.decode(prompt + new)
+        sys.stdout.write(text[len(text_so_far):] if text.startswith(text_so_far) else "")
+        sys.stdout.write("\n" + ("---\n" if i + 1 < args.num_samples else ""))
+        sys.stdout.flush()
+    return 0
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
+    from .config import parse_overrides
+    from .models import PRESETS, build, preset_config
+
+    if args.list:
+        for name, (family, _) in sorted(PRESETS.items()):
+            print(f"{name:28s} {family}")
+        return 0
+    overrides = parse_overrides(extra)
+    if args.checkpoint:
+        if overrides:
+            raise ConfigError("info: overrides apply to presets, not to a checkpoint")
+        from . import checkpoint as ckpt
+
+        family, cfg, _ = ckpt.read_config(ckpt.resolve(args.checkpoint))
+        from .models import build_model
+
+        with torch.device("meta"):
+            model = build_model(family, cfg)
+        name = args.checkpoint
+    else:
+        if not args.preset:
+            raise ConfigError("info: give a preset name (see `lmzoo info --list`) or --checkpoint DIR")
+        preset_config(args.preset, **overrides)  # validate before building anything
+        with torch.device("meta"):
+            model = build(args.preset, **overrides)
+        name = args.preset
+    cfg = model.config
+    T = args.seq_len or cfg.block_size
+    n = model.num_params()
+    print(f"{name} ({model.family})")
+    print(f"  parameters           {n:,}")
+    print(f"  non-embedding        {model.num_params(non_embedding=True):,}")
+    print(f"  FLOPs/token (train)  {model.flops_per_token(T):.4g}  at context {T}")
+    print("  weight memory        " + ", ".join(
+        f"{k} {_fmt_bytes(n * b)}" for k, b in (("fp32", 4), ("bf16", 2), ("int8", 1), ("4-bit", 0.5))
+    ))
+    print(f"  training memory      ~{_fmt_bytes(16 * n)} (fp32 weights + grads + AdamW moments; activations extra)")
+    kv = getattr(cfg, "n_kv_head", None)
+    if kv:
+        per_tok = 2 * cfg.n_layer * kv * cfg.head_dim
+        print(f"  KV cache per token   {_fmt_bytes(per_tok * 2)} in bf16 ({_fmt_bytes(per_tok * 2 * T)} at {T} tokens)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lmzoo", description="Train, fine-tune and compare language-model architectures.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    t = sub.add_parser(
+        "train",
+        help="train a model (no arguments: a small char-level model on the built-in corpus)",
+        description="Train a model. Settings: --config recipe.yaml plus --key=value overrides "
+        "(e.g. --max_steps=500 --model=gpt2-char-cpu --model.n_layer=6). Keys are TrainConfig fields.",
+    )
+    t.add_argument("--config", help="YAML recipe of TrainConfig fields")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("prepare", help="tokenize a corpus into train/val token files")
+    pr.add_argument("source", nargs="?", default="stdlib", help="stdlib, shakespeare, a hub data set, or a path")
+    pr.add_argument("--out", required=True, help="output directory")
+    pr.add_argument("--tokenizer", default="char", help="byte, char, bpe, or a tokenizer directory")
+    pr.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
+    pr.add_argument("--val-fraction", type=float, default=0.1)
+    pr.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/data sets")
+    pr.add_argument("--input", default=None, help="local file for a built-in corpus that would be downloaded")
+    pr.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    pr.set_defaults(func=cmd_prepare)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint (streamed)")
+    g.add_argument("--checkpoint", required=True, help="checkpoint, run directory, or Hugging Face directory")
+    g.add_argument("--prompt", default="\n")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--stop", default=None, help="a stop string (one token)")
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser(
+        "info",
+        help="parameters, FLOPs/token and memory of a preset or checkpoint",
+        description="Describe a preset (with --key=value overrides) or a checkpoint.",
+    )
+    i.add_argument("preset", nargs="?")
+    i.add_argument("--checkpoint", default=None)
+    i.add_argument("--seq-len", type=int, default=None)
+    i.add_argument("--list", action="store_true", help="list the presets")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
+        if bad:
+            raise ConfigError(f"unrecognized argument {bad[0]!r} (settings are written --key=value)")
+        return args.func(args, extra)
+    except LmzooError as e:
+        msg = str(e).strip().replace("\n", " ")
+        print(f"lmzoo: error: {msg}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lmzoo: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        os._exit(0)
+    except OSError as e:  # disk full, permission denied, ...: one line, the previous state is intact
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"lmzoo: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""User-facing errors.
+
+Every problem a user can cause (a bad path, a bad config value, a corrupt checkpoint) raises a
+subclass of :class:`LmzooError` with a one-line message that names the problem. The CLI prints
+``lmzoo: error: <message>`` and exits with ``exit_code`` (2 for usage errors) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LmzooError(Exception):
+    """A problem with the user's input; shown as one line, never as a traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(LmzooError):
+    """An unknown key, an invalid value or inconsistent settings."""
+
+
+class DataError(LmzooError):
+    """Missing, empty or undecodable data."""
+
+
+class CheckpointError(LmzooError):
+    """A checkpoint or weights directory that is missing files, truncated or of another model."""
+
+
+def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
+    """' (did you mean: a, b?)' for the closest names, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""

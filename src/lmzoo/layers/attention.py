@@ -1,0 +1,116 @@
+"""Causal self-attention: multi-head, grouped-query and multi-query, with two backends.
+
+Scaled dot-product attention (Vaswani et al. 2017) for queries Q (T, d), keys K and values V (S, d):
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d) + M) V,   M[i, j] = 0 if j may be seen from i else -inf
+
+Grouped-query attention (GQA, Ainslie et al. 2023) gives ``n_head`` query heads but only
+``n_kv_head`` key/value heads; each K/V head is shared by ``n_head // n_kv_head`` query heads.
+``n_kv_head == n_head`` is ordinary multi-head attention, ``n_kv_head == 1`` is multi-query
+attention (Shazeer 2019). The KV cache shrinks by the same factor.
+
+Backends:
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, which dispatches to
+  FlashAttention / memory-efficient / cuDNN kernels on GPU (never materializes the T x S matrix);
+- ``reference``: the formula above written out, used by tests to check the fast path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rope
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, S, hd) -> (B, n_kv * n_rep, S, hd): each K/V head serves ``n_rep`` query heads."""
+    if n_rep == 1:
+        return x
+    B, nkv, S, hd = x.shape
+    return x[:, :, None].expand(B, nkv, n_rep, S, hd).reshape(B, nkv * n_rep, S, hd)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The textbook formula. q (B, nh, T, hd), k/v (B, nh, S, hd), mask bool (.., T, S), True = attend."""
+    T, S = q.shape[-2], k.shape[-2]
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
+    if is_causal:
+        # query i sits at absolute position S - T + i; it may see keys 0..S - T + i
+        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        att = att.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        att = F.dropout(att, p=dropout_p)
+    return att @ v
+
+
+def attend(q, k, v, mask=None, is_causal=False, dropout_p=0.0, backend="sdpa") -> torch.Tensor:
+    """Dispatch to a backend. Shapes as in :func:`reference_attention`; K/V already repeated for GQA."""
+    if backend == "reference":
+        return reference_attention(q, k, v, mask, is_causal, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+class CausalSelfAttention(nn.Module):
+    """Fused QKV projection -> (RoPE) -> attention over [cache; new] keys -> output projection.
+
+    ``qkv`` packs the query heads, then the key heads, then the value heads along the output
+    dimension: ``n_head * hd + 2 * n_kv_head * hd`` rows.
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        n_kv_head: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        backend: str = "sdpa",
+        head_dim: int | None = None,
+    ):
+        super().__init__()
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = head_dim or n_embd // n_head
+        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.backend = backend
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = True,
+        cache=None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
+        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): everything seen so far
+        k, v = repeat_kv(k, nh // nkv), repeat_kv(v, nh // nkv)
+        dropout_p = self.dropout if self.training else 0.0
+        y = attend(q, k, v, mask, is_causal, dropout_p, self.backend)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)
+        return self.resid_dropout(self.proj(y))

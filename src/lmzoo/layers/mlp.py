@@ -1,0 +1,53 @@
+"""Position-wise feed-forward layers.
+
+- ``MLP``: GPT-2's two-layer perceptron, ``proj(act(fc(x)))`` with a 4x hidden width and GELU
+  (GPT-2 uses the tanh approximation of GELU, ``gelu_tanh``).
+- ``SwiGLU`` (Shazeer 2020, "GLU Variants Improve Transformer"): ``down(silu(gate(x)) * up(x))``.
+  Three matrices instead of two, so the hidden width is usually 2/3 of 4x to keep the
+  parameter count (Llama: 8/3 * d rounded up to a multiple of 256).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = True, activation: str = "gelu", dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, dim, bias=bias)
+        self.approximate = "tanh" if activation == "gelu_tanh" else "none"
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
+    """Llama's rule: 2/3 of 4*dim, rounded up to a multiple, so SwiGLU has about the MLP's parameters."""
+    h = int(2 * 4 * dim / 3)
+    return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+
+def make_mlp(kind: str, dim: int, hidden: int, bias: bool, dropout: float) -> nn.Module:
+    """Build the feed-forward layer a config names: ``gelu``, ``gelu_tanh`` or ``swiglu``."""
+    if kind in ("gelu", "gelu_tanh"):
+        return MLP(dim, hidden, bias=bias, activation=kind, dropout=dropout)
+    if kind == "swiglu":
+        return SwiGLU(dim, hidden, bias=bias, dropout=dropout)
+    raise ValueError(f"unknown mlp {kind!r}")

@@ -1,0 +1,60 @@
+"""Model families and their presets.
+
+Each family lives in its own file with its Config subclass, ``PRESETS`` and model class, and is
+registered here by name. ``build("gpt2", n_layer=6)`` builds a preset with overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Config
+from ..errors import ConfigError, suggest
+from . import gpt2
+from .base import LanguageModel, LMOutput
+
+# family name -> model class (which carries ``config_class``); presets name -> (family, settings)
+FAMILIES: dict[str, type[LanguageModel]] = {"gpt2": gpt2.GPT}
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {name: ("gpt2", d) for name, d in gpt2.PRESETS.items()}
+
+
+def family_class(name: str) -> type[LanguageModel]:
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}" + suggest(name, FAMILIES))
+    return FAMILIES[name]
+
+
+def preset_config(preset: str, **overrides: Any) -> Config:
+    """The config of a preset with ``overrides`` applied (validated)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}" + suggest(preset, PRESETS) + f"; see `lmzoo info --list`")
+    family, settings = PRESETS[preset]
+    return family_class(family).config_class.from_dict({**settings, **overrides})
+
+
+def config_from_dict(d: dict[str, Any]) -> tuple[str, Config]:
+    """Read a saved ``{"family": ..., **fields}`` dict back into (family, Config)."""
+    d = dict(d)
+    family = d.pop("family", None)
+    if family is None:
+        raise ConfigError("config has no 'family' key")
+    return family, family_class(family).config_class.from_dict(d)
+
+
+def config_to_dict(model_or_family: LanguageModel | str, config: Config | None = None) -> dict[str, Any]:
+    if isinstance(model_or_family, LanguageModel):
+        return {"family": model_or_family.family, **model_or_family.config.to_dict()}
+    return {"family": model_or_family, **config.to_dict()}
+
+
+def build_model(family: str, config: Config) -> LanguageModel:
+    return family_class(family)(config)
+
+
+def build(preset: str, **overrides: Any) -> LanguageModel:
+    """Build a freshly initialized model from a preset name and field overrides."""
+    cfg = preset_config(preset, **overrides)
+    return build_model(PRESETS[preset][0], cfg)
+
+
+__all__ = ["FAMILIES", "PRESETS", "LMOutput", "LanguageModel", "build", "build_model", "preset_config"]

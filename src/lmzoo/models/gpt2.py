@@ -1,0 +1,234 @@
+"""The GPT-2 family: a decoder-only Transformer (Radford et al. 2019), and its modern improvements.
+
+Read top to bottom: config and presets, then the block, then the model.
+
+GPT-2 is a stack of pre-norm residual blocks over token + learned position embeddings:
+
+    x = wte[idx] + wpe[pos]
+    for each block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+    logits = ln_f(x) @ wte^T            (the output head shares the embedding matrix)
+
+The same file builds the "improved GPT-2" by config alone: rotary positions instead of a
+learned table (``pos_emb="rope"``), grouped-query attention (``n_kv_head < n_head``), no biases,
+and optionally RMSNorm and SwiGLU. Nothing branches on a model's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..cache import KVCache
+from ..config import Config
+from ..errors import ConfigError
+from ..layers.attention import CausalSelfAttention
+from ..layers.mlp import make_mlp, swiglu_hidden
+from ..layers.norm import make_norm
+from ..layers.rope import RotaryEmbedding
+from .base import LanguageModel, LMOutput, lm_loss
+
+
+@dataclasses.dataclass
+class GPTConfig(Config):
+    vocab_size: int = 50257
+    block_size: int = 1024  # longest context trained on (and the size of the learned position table)
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
+    n_embd: int = 768
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
+    mlp_hidden: int | None = None  # None = 4 * n_embd (GELU) or Llama's 8/3 rule (SwiGLU)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    pos_emb: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    bias: bool = True
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    attn_backend: Literal["sdpa", "reference"] = "sdpa"
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_kv_head <= 0:
+            raise ConfigError(f"n_kv_head must be positive, got {self.n_kv_head}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"RoPE needs an even head dimension, got {self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_hidden is not None and self.mlp_hidden <= 0:
+            raise ConfigError(f"mlp_hidden must be positive, got {self.mlp_hidden}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
+            raise ConfigError("norm_eps, rope_theta and init_std must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return swiglu_hidden(self.n_embd) if self.mlp == "swiglu" else 4 * self.n_embd
+
+
+# Shapes from the GPT-2 paper's table; the improved recipe keeps gpt2's size.
+_IMPROVED = dict(pos_emb="rope", n_kv_head=4, bias=False, vocab_size=50304)
+_CHAR_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, mlp="gelu")
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124,439,808 parameters
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "gpt2-improved": dict(n_layer=12, n_head=12, n_embd=768, **_IMPROVED),
+    # nanoGPT's shakespeare_char "baby GPT" (a GPU recipe) and its CPU recipe
+    "gpt2-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.2, mlp="gelu"),
+    "gpt2-char-cpu": dict(**_CHAR_CPU),
+    "gpt2-improved-char-cpu": dict(_CHAR_CPU, pos_emb="rope", n_kv_head=2, bias=False),
+    "gpt2-debug": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, vocab_size=97),
+}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention then MLP, each on a normalized copy of the stream."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        self.attn = CausalSelfAttention(
+            cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout, cfg.attn_backend
+        )
+        self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        self.mlp = make_mlp(cfg.mlp, cfg.n_embd, cfg.hidden, cfg.bias, cfg.dropout)
+
+    def forward(self, x, rope=None, mask=None, is_causal=True, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, mask, is_causal, cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(LanguageModel):
+    family = "gpt2"
+    config_class = GPTConfig
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.pos_emb == "rope" else None
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2's initialization.
+
+        | weight                                   | init                              |
+        |------------------------------------------|-----------------------------------|
+        | embeddings, every Linear                 | normal(0, init_std=0.02)          |
+        | residual projections (attn.proj, mlp out)| normal(0, 0.02 / sqrt(2*n_layer)) |
+        | biases                                   | 0                                 |
+        | norm weights                             | 1 (their own init)                |
+
+        The scaled residual init keeps the residual stream's variance from growing with depth:
+        each block adds two projections, so 2 * n_layer terms are summed.
+        """
+        std = self.config.init_std
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> LMOutput:
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean loss.
+
+        With a ``cache``, idx holds the next T tokens after those already cached.
+        """
+        B, T = idx.shape
+        pos = cache.positions(T) if cache is not None else torch.arange(T, device=idx.device)
+        end = T if cache is None else cache.pos + T  # an upper bound of the positions (Python int: no sync)
+        if self.wpe is not None and end > self.config.block_size:
+            raise ValueError(
+                f"{end} positions do not fit the learned position table (block_size "
+                f"{self.config.block_size}); use a shorter context"
+            )
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        x = self.drop(x)
+        rope = self.rope(pos, end) if self.rope is not None else None  # cos, sin: (T or B,T, hd)
+        mask, is_causal = cache.mask(T) if cache is not None else (None, True)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, is_causal, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            return LMOutput(logits, lm_loss(logits, targets))
+        return LMOutput(self.lm_head(x[:, -1:] if last_only else x))
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None) -> KVCache:
+        """A preallocated KV cache for ``batch`` rows of up to ``max_len`` tokens (default block_size)."""
+        cfg = self.config
+        return KVCache(
+            cfg.n_layer,
+            batch,
+            cfg.n_kv_head,
+            cfg.head_dim,
+            max_len or cfg.block_size,
+            dtype=dtype or self.dtype,
+            device=device or self.device,
+            pad=pad,
+        )
+
+    def max_positions(self) -> int | None:
+        """Longest sequence the position encoding allows (None: unbounded, e.g. RoPE)."""
+        return self.config.block_size if self.wpe is not None else None
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Model surgery: shrink the context (e.g. load GPT-2 with 1024 and train at 256)."""
+        if not 0 < block_size <= self.config.block_size:
+            raise ConfigError(f"crop_block_size: {block_size} is not in 1..{self.config.block_size}")
+        self.config.block_size = block_size
+        if self.wpe is not None:
+            self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
+            self.wpe.num_embeddings = block_size
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
+
+        6 * N for the matmuls with the weights (2 forward, 4 backward; N without the position
+        table, the tied head counted once as it is used once) plus 12 * L * d * T for the
+        attention scores and weighted sum, where d = n_head * head_dim and T the context.
+        """
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T

@@ -1,0 +1,46 @@
+"""Learning-rate schedules, as pure functions of the step (so resuming needs only the step).
+
+- ``cosine``: linear warmup to ``lr`` over ``warmup`` steps, then half a cosine down to ``min_lr``
+  at ``decay_steps`` (Loshchilov & Hutter 2017; the GPT-2/3 and nanoGPT schedule), then ``min_lr``.
+- ``wsd``: warmup-stable-decay (Hu et al. 2024, MiniCPM): warmup, a long constant phase at
+  ``lr``, then a short decay to ``min_lr`` over the last ``decay_frac`` of the run (linear here).
+  A run can be extended from a stable-phase checkpoint without restarting the schedule.
+- ``constant``: warmup, then ``lr``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import ConfigError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    min_lr: float,
+    warmup: int,
+    total: int,
+    schedule: str = "cosine",
+    decay_frac: float = 0.2,
+) -> float:
+    """Learning rate at optimizer step ``step`` (0-based) of a run of ``total`` steps."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        if step >= total:
+            return min_lr
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+    if schedule == "wsd":
+        decay_start = total - int(round(decay_frac * total))
+        if step < decay_start:
+            return lr
+        progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+        return lr + (min_lr - lr) * progress
+    raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")

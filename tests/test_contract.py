@@ -1,0 +1,197 @@
+"""The contract every registered model family keeps (docs/ARCHITECTURE.md).
+
+Each family is picked up from the registry through its ``<family>-debug`` preset, plus the
+variants listed in VARIANTS (positional encodings, GQA, norms, MLPs), so a new family is
+tested by registering it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lmzoo
+from lmzoo.generate import left_pad
+from lmzoo.models import FAMILIES, PRESETS, preset_config
+
+VARIANTS: dict[str, list[dict]] = {
+    "gpt2": [
+        {},
+        {"pos_emb": "rope"},
+        {"pos_emb": "rope", "n_kv_head": 1, "bias": False, "norm": "rmsnorm", "mlp": "swiglu"},
+        {"n_kv_head": 4, "mlp": "gelu", "tie_embeddings": False},
+    ],
+}
+
+CASES = [
+    pytest.param(fam, ov, id=f"{fam}-{i}")
+    for fam in FAMILIES
+    for i, ov in enumerate(VARIANTS.get(fam, [{}]))
+]
+
+
+def make(family: str, overrides: dict) -> lmzoo.models.LanguageModel:
+    assert f"{family}-debug" in PRESETS, f"family {family} needs a {family}-debug preset"
+    torch.manual_seed(0)
+    return lmzoo.build(f"{family}-debug", **overrides).eval()
+
+
+def vocab(model) -> int:
+    return model.config.vocab_size
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_forward_shapes_and_initial_loss(family, overrides):
+    m = make(family, overrides)
+    x = torch.randint(0, vocab(m), (3, 17))
+    out = m(x, torch.randint(0, vocab(m), (3, 17)))
+    assert out.logits.shape == (3, 17, vocab(m))
+    # a fresh model predicts nearly uniformly: loss close to ln(vocab)
+    assert abs(out.loss.item() - math.log(vocab(m))) < 0.5
+    assert m(x, last_only=True).logits.shape == (3, 1, vocab(m))
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_future_tokens_do_not_change_past_logits(family, overrides):
+    m = make(family, overrides)
+    x = torch.randint(0, vocab(m), (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, vocab(m), (2, 8))
+    a, b = m(x).logits, m(y).logits
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=1e-5, rtol=0)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4  # and the future does matter
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_cached_decoding_matches_full_forward(family, overrides):
+    m = make(family, overrides)
+    x = torch.randint(0, vocab(m), (2, 24))
+    full = m(x).logits
+    cache = m.init_cache(2, 24)
+    steps = [m(x[:, t : t + 1], cache=cache).logits for t in range(24)]
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+    # chunked prefill then single steps gives the same as well
+    cache = m.init_cache(2, 24)
+    parts = [m(x[:, :10], cache=cache).logits, m(x[:, 10:17], cache=cache).logits]
+    parts += [m(x[:, t : t + 1], cache=cache).logits for t in range(17, 24)]
+    assert (torch.cat(parts, 1) - full).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_cached_batch_of_different_lengths_matches_each_prompt_alone(family, overrides):
+    m = make(family, overrides)
+    lengths = [9, 4, 13]
+    prompts = [torch.randint(0, vocab(m), (n,)).tolist() for n in lengths]
+    ids, pad = left_pad(prompts)
+    B, T = ids.shape
+    cache = m.init_cache(B, T + 6, pad=pad)
+    got = [m(ids, cache=cache).logits]
+    nxt = torch.randint(0, vocab(m), (B, 6))
+    got += [m(nxt[:, t : t + 1], cache=cache).logits for t in range(6)]
+    got = torch.cat(got, 1)
+    for b, p in enumerate(prompts):
+        alone = m(torch.tensor([p + nxt[b].tolist()])).logits[0]
+        assert (got[b, pad[b] :] - alone).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_save_load_round_trip(family, overrides, tmp_path):
+    m = make(family, overrides)
+    x = torch.randint(0, vocab(m), (2, 11))
+    lmzoo.save(m, tmp_path / "ckpt")
+    m2 = lmzoo.load(tmp_path / "ckpt")
+    assert type(m2) is type(m) and m2.config == m.config
+    assert torch.equal(m(x).logits, m2(x).logits)
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_overfits_one_batch(family, overrides):
+    m = make(family, overrides).train()
+    x = torch.randint(0, vocab(m), (2, 16))
+    y = torch.randint(0, vocab(m), (2, 16))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    first = None
+    for _ in range(150):
+        loss = m(x, y).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_every_parameter_gets_a_gradient(family, overrides):
+    m = make(family, overrides).train()
+    x = torch.randint(0, vocab(m), (2, 12))
+    m(x, x).loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_bfloat16_forward_is_close_to_float32(family, overrides):
+    m = make(family, overrides)
+    x = torch.randint(0, vocab(m), (2, 16))
+    ref = m(x).logits
+    got = m.to(torch.bfloat16)(x).logits.float()
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_flops_and_params_are_consistent(family, overrides):
+    m = make(family, overrides)
+    n = m.num_params()
+    assert n == sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+    assert m.flops_per_token(16) >= 6 * m.num_params(non_embedding=True)
+    assert m.flops_per_token(64) > m.flops_per_token(16)  # attention grows with context
+
+
+def test_sdpa_and_reference_attention_agree():
+    torch.manual_seed(0)
+    a = lmzoo.build("gpt2-debug", attn_backend="sdpa").eval()
+    b = lmzoo.build("gpt2-debug", attn_backend="reference").eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 97, (2, 30))
+    torch.testing.assert_close(a(x).logits, b(x).logits, atol=1e-5, rtol=1e-5)
+    ca, cb = a.init_cache(2, 30), b.init_cache(2, 30)
+    a(x[:, :20], cache=ca), b(x[:, :20], cache=cb)
+    torch.testing.assert_close(a(x[:, 20:], cache=ca).logits, b(x[:, 20:], cache=cb).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_preset_has_exactly_124_439_808_parameters():
+    with torch.device("meta"):
+        m = lmzoo.build("gpt2")
+    assert m.num_params() == 124_439_808
+
+
+@pytest.mark.parametrize("preset", ["gpt2-medium", "gpt2-large", "gpt2-xl", "gpt2-improved"])
+def test_large_presets_build_on_meta(preset):
+    with torch.device("meta"):
+        m = lmzoo.build(preset)
+    assert m.num_params() > 100_000_000
+
+
+def test_config_round_trips_through_json():
+    cfg = preset_config("gpt2-improved")
+    assert type(cfg).from_dict(__import__("json").loads(cfg.to_json())) == cfg
+
+
+def test_crop_block_size_keeps_the_shorter_context_identical():
+    m = make("gpt2", {})
+    x = torch.randint(0, 97, (1, 16))
+    before = m(x).logits
+    m.crop_block_size(16)
+    assert m.config.block_size == 16 and m.wpe.weight.shape[0] == 16
+    torch.testing.assert_close(m(x).logits, before)
+    with pytest.raises(ValueError, match="position"):
+        m(torch.randint(0, 97, (1, 17)))
+
+
+def test_gqa_shrinks_the_kv_cache():
+    full = lmzoo.build("gpt2-debug", n_kv_head=4).init_cache(1, 32)
+    gqa = lmzoo.build("gpt2-debug", n_kv_head=1).init_cache(1, 32)
+    assert full.nbytes == 4 * gqa.nbytes
