@@ -136,12 +136,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         if len(stop_ids) != 1:
             raise ConfigError(f"--stop must be a single token in this tokenizer, {args.stop!r} is {len(stop_ids)}")
         stops += stop_ids
-    limit = model.max_positions() if hasattr(model, "max_positions") else None
     n_new = args.max_new_tokens
-    if limit is not None:
-        if len(prompt) >= limit:
-            prompt = prompt[-(limit - 1):]  # keep the end of a long prompt
-        n_new = min(n_new, limit - len(prompt))
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         text_so_far = tok.decode(prompt)

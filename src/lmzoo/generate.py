@@ -86,25 +86,33 @@ def stream(
     ids, pad = left_pad(prompts)
     device = model.device
     B, T = ids.shape
-    limit = model.max_positions() if hasattr(model, "max_positions") else None
-    total = T + max_new_tokens
-    if limit is not None and total > limit:
-        raise ConfigError(
-            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's context of {limit}"
-        )
     if max_new_tokens == 0:
         return
+    # A model with a bounded position table (learned positions) decodes past its context by
+    # re-prefilling the cache with the newest half-context of tokens when it fills up (nanoGPT
+    # crops the context at every step instead; this amortizes the recomputation).
+    limit = model.max_positions() if hasattr(model, "max_positions") else None
+    cache_len = T + max_new_tokens if limit is None else min(T + max_new_tokens, limit)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
+    seq = ids.to(device)
+    pad = pad.to(device)
+
+    def prefill(keep: int):
+        ctx = seq[:, -keep:]
+        row_pad = (pad - (seq.shape[1] - keep)).clamp_min(0)
+        cache = model.init_cache(B, cache_len, pad=row_pad)
+        return cache, model(ctx, cache=cache, last_only=True).logits[:, -1]
+
     was_training = model.training
     model.eval()
     try:
-        cache = model.init_cache(B, total, pad=pad.to(device))
+        cache, logits = prefill(T if T < cache_len else max(1, cache_len // 2))
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        logits = model(ids.to(device), cache=cache, last_only=True).logits[:, -1]
+        new_tokens: list[torch.Tensor] = []
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             if stop.numel():
@@ -113,7 +121,14 @@ def stream(
             yield nxt.cpu()
             if step + 1 == max_new_tokens or (stop.numel() and bool(done.all())):
                 break
-            logits = model(nxt[:, None], cache=cache).logits[:, -1]
+            if cache.pos >= cache_len:  # only with a bounded context: slide the window
+                seq = torch.cat([seq, *[t[:, None] for t in new_tokens], nxt[:, None]], dim=1)
+                new_tokens = []
+                cache, logits = prefill(max(1, cache_len // 2))
+            else:
+                if limit is not None:
+                    new_tokens.append(nxt)
+                logits = model(nxt[:, None], cache=cache).logits[:, -1]
     finally:
         model.train(was_training)
 

@@ -99,6 +99,8 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.out_dir = Path(cfg.out_dir)
 
+        if model is None:  # check the model settings before any (possibly long) data preparation
+            preset_config(cfg.model, **cfg.model_args)
         # -- data ---------------------------------------------------------------------------
         self.data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
         if not (self.data_dir / "meta.json").is_file():
@@ -113,8 +115,6 @@ class Trainer:
             args.setdefault("vocab_size", self.meta["vocab_size"])
             if cfg.block_size:
                 args.setdefault("block_size", cfg.block_size)
-            if cfg.model not in PRESETS:
-                preset_config(cfg.model)  # raises the unknown-preset error with suggestions
             model = build_model(PRESETS[cfg.model][0], preset_config(cfg.model, **args))
         self.model = model.to(self.device)
         mcfg = self.model.config
@@ -316,7 +316,7 @@ class Trainer:
             "interrupted": self._stop_signal is not None,
             "nonfinite_steps": self.nonfinite_total,
         }
-        log.log("event", self.step, event="end", **{k: v for k, v in summary.items() if k != "out_dir"})
+        log.log("event", self.step, event="end", **{k: v for k, v in summary.items() if k not in ("out_dir", "step")})
         log.close()
         return summary
 
