@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lmzoo.data import prepare
-from lmzoo.train import Trainer, TrainConfig
+from lmzoo.train import TrainConfig, Trainer
 
 NANOGPT_CPU = dict(
     model="gpt2-char-cpu",

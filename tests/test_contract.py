@@ -22,6 +22,15 @@ VARIANTS: dict[str, list[dict]] = {
         {"pos_emb": "rope"},
         {"pos_emb": "rope", "n_kv_head": 1, "bias": False, "norm": "rmsnorm", "mlp": "swiglu"},
         {"n_kv_head": 4, "mlp": "gelu", "tie_embeddings": False},
+        {"n_experts": 4, "n_experts_per_tok": 2},  # sparse mixture of GELU experts
+    ],
+    "llama": [
+        {},  # Llama 2: RMSNorm, SwiGLU, RoPE, GQA 2:1
+        {"sliding_window": 8},  # Mistral: windows shorter than the tests' sequences, rolling cache
+        {"n_experts": 4, "n_experts_per_tok": 2},  # Mixtral: top-2 of 4 experts
+        # an odd head count (GQA 5:1), local/global layers, YaRN-scaled RoPE
+        {"n_head": 5, "n_kv_head": 1, "n_embd": 40, "sliding_window": 5, "window_pattern": "LG",
+         "rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max": 8},
     ],
 }
 
@@ -146,8 +155,9 @@ def test_flops_and_params_are_consistent(family, overrides):
     m = make(family, overrides)
     n = m.num_params()
     assert n == sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
-    assert m.flops_per_token(16) >= 6 * m.num_params(non_embedding=True)
-    assert m.flops_per_token(64) > m.flops_per_token(16)  # attention grows with context
+    assert m.flops_per_token(16) >= 6 * m.active_params()  # MoE: only the experts a token runs
+    # attention grows with context (with a sliding window: until the context reaches the window)
+    assert m.flops_per_token(64) >= m.flops_per_token(16) > m.flops_per_token(2)
 
 
 def test_sdpa_and_reference_attention_agree():

@@ -17,7 +17,7 @@ import torch
 import lmzoo
 from lmzoo.data import prepare
 from lmzoo.errors import CheckpointError, ConfigError
-from lmzoo.train import Trainer, TrainConfig
+from lmzoo.train import TrainConfig, Trainer
 from lmzoo.train.metrics import read_metrics
 from lmzoo.train.schedule import lr_at
 

@@ -60,14 +60,17 @@ class KVCache:
             return pos
         return (pos[None, :] - self.pad[:, None]).clamp_min(0)
 
-    def mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
+    def mask(self, T: int, window: int | None = None) -> tuple[torch.Tensor | None, bool]:
         """(mask, is_causal) for T new queries over the ``pos + T`` keys in the buffer.
 
         ``mask`` is bool (B or 1, 1, T, S), True = may attend; ``None`` with ``is_causal`` when the
         plain causal mask is exact (no padding and nothing cached yet, or a single new token).
+        ``window`` (sliding-window attention): a query sees only the ``window`` latest keys,
+        itself included (key j visible from query i iff i - window < j <= i).
         """
         S = self.pos + T
-        if self.pad is None:
+        windowed = window is not None and window < S  # otherwise no query is far enough to notice
+        if self.pad is None and not windowed:
             if self.pos == 0:
                 return None, True
             if T == 1:
@@ -75,6 +78,8 @@ class KVCache:
         q = torch.arange(self.pos, S, device=self.k.device)[:, None]  # absolute slot of each query
         kk = torch.arange(S, device=self.k.device)[None, :]
         m = kk <= q  # (T, S) causal
+        if windowed:
+            m = m & (q - kk < window)
         if self.pad is not None:
             # a real query never sees padding; a padding query sees itself so softmax stays finite
             real_key = kk[None] >= self.pad[:, None, None]  # (B, 1, S)
@@ -91,6 +96,124 @@ class KVCache:
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+
+class RollingKVCache:
+    """A KV cache whose memory is bounded by the attention window: one ring buffer per layer.
+
+    Layer ``l`` with window ``w`` keeps only its last ``min(w, max_len)`` keys/values in
+    ``k[l]``/``v[l]`` of shape (B, n_kv_head, capacity, head_dim); the key of position p lives in
+    slot ``p % capacity``. With sliding-window attention a query never looks further back than
+    ``w`` tokens, so overwriting the oldest slot loses nothing: generation of any length uses
+    constant memory and computes exactly what full attention with the same window computes.
+    Layers without a window (global layers of a local/global pattern) get ``max_len`` slots and,
+    like :class:`KVCache`, refuse to overflow.
+
+    Same protocol as :class:`KVCache`; the layout of the keys ``update`` returns (and so of the
+    mask ``mask(T, window)`` builds for them) depends on the chunk:
+
+    - first chunk (``pos == 0``): just the T new keys;
+    - one new token: the ring itself, after writing the token into it (the slot it overwrites
+      held position ``pos - capacity``, already outside every window);
+    - a chunk of T > 1 tokens later on: ``[ring before the write; T new keys]``, since the first
+      new queries still need keys the chunk's last tokens will overwrite.
+    """
+
+    def __init__(
+        self,
+        windows: list[int | None],
+        batch: int,
+        n_kv_head: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        pad: torch.Tensor | None = None,
+    ):
+        self.windows = list(windows)
+        self.max_len = max_len
+        self.capacity = [self._capacity(w) for w in self.windows]
+        self.k = [torch.zeros(batch, n_kv_head, c, head_dim, dtype=dtype, device=device)
+                  for c in self.capacity]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.device = torch.device(device)
+        self.pos = 0  # tokens seen so far (the same for every row: rows are left-padded)
+        if pad is not None:
+            pad = torch.as_tensor(pad, dtype=torch.long, device=device)
+            if pad.shape != (batch,):
+                raise ValueError(f"pad must have shape ({batch},), got {tuple(pad.shape)}")
+            if not bool(pad.any()):
+                pad = None
+        self.pad = pad
+
+    def _capacity(self, window: int | None) -> int:
+        return min(window, self.max_len) if window is not None else self.max_len
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (constant: buffers are never reallocated)."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Position ids of the next T tokens: (T,), or (B, T) counted from each row's first real token."""
+        pos = torch.arange(self.pos, self.pos + T, device=self.device)
+        if self.pad is None:
+            return pos
+        return (pos[None, :] - self.pad[:, None]).clamp_min(0)
+
+    def _key_slots(self, T: int, capacity: int) -> torch.Tensor:
+        """Absolute slot of each key ``update`` returns for a chunk of T (-1 = never written)."""
+        new = torch.arange(self.pos, self.pos + T, device=self.device)
+        if self.pos == 0:
+            return new
+        s = torch.arange(capacity, device=self.device)
+        last = self.pos if T == 1 else self.pos - 1  # newest position in the ring at attention time
+        ring = last - (last - s) % capacity  # the latest position p <= last with p % capacity == s
+        return ring if T == 1 else torch.cat([ring, new])
+
+    def mask(self, T: int, window: int | None = None) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for T new queries of the layers with this ``window`` (see KVCache.mask)."""
+        capacity = self._capacity(window)
+        if self.pad is None:
+            if self.pos == 0 and (window is None or window >= T):
+                return None, True
+            if T == 1 and self.pos >= capacity - 1:
+                return None, False  # a full ring holds exactly the keys the new token may see
+        kk = self._key_slots(T, capacity)[None, :]  # (1, S)
+        q = torch.arange(self.pos, self.pos + T, device=self.device)[:, None]  # (T, 1)
+        m = (kk >= 0) & (kk <= q)
+        if window is not None:
+            m = m & (q - kk < window)
+        if self.pad is not None:
+            # a real query never sees padding; a padding query sees itself so softmax stays finite
+            real_key = kk[None] >= self.pad[:, None, None]  # (B, 1, S)
+            m = m[None] & (real_key | (kk == q)[None])  # (B, T, S)
+            return m[:, None], False
+        return m[None, None], False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write T new keys/values (B, n_kv, T, hd); return the keys/values to attend over (layout above)."""
+        T = k.shape[2]
+        cap, window = self.capacity[layer], self.windows[layer]
+        end = self.pos + T
+        if end > cap and (window is None or cap < window):
+            raise ValueError(f"KV cache is full: {end} tokens > max_len {self.max_len} (layer {layer})")
+        kb, vb = self.k[layer], self.v[layer]
+        if self.pos > 0 and T > 1:
+            out = torch.cat([kb, k], dim=2), torch.cat([vb, v], dim=2)  # before the ring is overwritten
+        n = min(T, cap)  # only the last ``cap`` new keys survive in the ring
+        slots = torch.arange(end - n, end, device=kb.device) % cap
+        kb.index_copy_(2, slots, k[:, :, T - n :])
+        vb.index_copy_(2, slots, v[:, :, T - n :])
+        if self.pos == 0:
+            return k, v
+        return out if T > 1 else (kb, vb)
 
     def advance(self, T: int) -> None:
         self.pos += T

@@ -114,3 +114,36 @@ class CausalSelfAttention(nn.Module):
         y = attend(q, k, v, mask, is_causal, dropout_p, self.backend)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.resid_dropout(self.proj(y))
+
+
+# --- Sliding-window attention (Longformer, Beltagy et al. 2020; Mistral 7B, Jiang et al. 2023) -----
+#
+# A query at position i sees only the keys i - window < j <= i. One layer then costs O(T * window)
+# instead of O(T^2), and a ring buffer of ``window`` keys per layer is all decoding needs
+# (lmzoo.cache.RollingKVCache). Information still travels further than the window: after L
+# layers a token can depend on tokens up to about L * window back, as in a CNN's receptive field.
+# Models mix local and global layers with a pattern (e.g. "LLLLLG", one global layer in six).
+
+
+def layer_windows(n_layer: int, sliding_window: int | None, pattern: str = "") -> list[int | None]:
+    """Each layer's window: ``pattern`` of 'L' (local: ``sliding_window``) and 'G' (global: None),
+    repeated over the layers; an empty pattern makes every layer local (Mistral)."""
+    if sliding_window is None:
+        return [None] * n_layer
+    pattern = pattern or "L"
+    return [sliding_window if pattern[i % len(pattern)] == "L" else None for i in range(n_layer)]
+
+
+def window_mask(
+    T: int, window: int | None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for a whole sequence of T tokens (no cache), as :meth:`KVCache.mask` returns.
+
+    The plain causal flag when the window does not bite (no window, or window >= T); else a bool
+    (1, 1, T, T) mask, True = may attend: key j is visible from query i iff i - window < j <= i.
+    """
+    if window is None or window >= T:
+        return None, True
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return ((j <= i) & (i - j < window))[None, None], False

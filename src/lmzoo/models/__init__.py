@@ -10,12 +10,13 @@ from typing import Any
 
 from ..config import Config
 from ..errors import ConfigError, suggest
-from . import gpt2
+from . import gpt2, llama
 from .base import LanguageModel, LMOutput
 
 # family name -> model class (which carries ``config_class``); presets name -> (family, settings)
-FAMILIES: dict[str, type[LanguageModel]] = {"gpt2": gpt2.GPT}
+FAMILIES: dict[str, type[LanguageModel]] = {"gpt2": gpt2.GPT, "llama": llama.Llama}
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {name: ("gpt2", d) for name, d in gpt2.PRESETS.items()}
+PRESETS.update({name: ("llama", d) for name, d in llama.PRESETS.items()})
 
 
 def family_class(name: str) -> type[LanguageModel]:
@@ -27,7 +28,7 @@ def family_class(name: str) -> type[LanguageModel]:
 def preset_config(preset: str, **overrides: Any) -> Config:
     """The config of a preset with ``overrides`` applied (validated)."""
     if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}" + suggest(preset, PRESETS) + f"; see `lmzoo info --list`")
+        raise ConfigError(f"unknown preset {preset!r}" + suggest(preset, PRESETS) + "; see `lmzoo info --list`")
     family, settings = PRESETS[preset]
     return family_class(family).config_class.from_dict({**settings, **overrides})
 

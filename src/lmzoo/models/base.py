@@ -45,6 +45,14 @@ class LanguageModel(nn.Module):
             n += p.numel()
         return n
 
+    def active_params(self) -> int:
+        """Parameters one token computes with: ``num_params(non_embedding=True)`` minus, in mixture-of-
+        experts layers (modules with ``inactive_params()``), the experts a token skips. For FLOPs."""
+        skipped = sum(
+            m.inactive_params() for m in self.modules() if m is not self and hasattr(m, "inactive_params")
+        )
+        return self.num_params(non_embedding=True) - skipped
+
     def weight_bytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes the weights take (in ``dtype`` if given, else as stored)."""
         if dtype is not None:

@@ -27,6 +27,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..layers.attention import CausalSelfAttention
 from ..layers.mlp import make_mlp, swiglu_hidden
+from ..layers.moe import MoE, add_router_losses, combine_router_stats
 from ..layers.norm import make_norm
 from ..layers.rope import RotaryEmbedding
 from .base import LanguageModel, LMOutput, lm_loss
@@ -51,6 +52,12 @@ class GPTConfig(Config):
     tie_embeddings: bool = True
     attn_backend: Literal["sdpa", "reference"] = "sdpa"
     init_std: float = 0.02
+    # Mixture of experts (layers/moe.py): n_experts > 0 replaces every MLP by n_experts MLPs of the
+    # same kind, n_experts_per_tok of them run per token; the router losses join `loss` with these weights
+    n_experts: int = 0
+    n_experts_per_tok: int = 2
+    moe_aux_weight: float = 0.01  # Switch Transformer's alpha
+    moe_z_weight: float = 0.0  # ST-MoE uses 0.001
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -72,6 +79,12 @@ class GPTConfig(Config):
             raise ConfigError(f"mlp_hidden must be positive, got {self.mlp_hidden}")
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ConfigError("norm_eps, rope_theta and init_std must be positive")
+        if self.n_experts < 0 or self.n_experts == 1:
+            raise ConfigError(f"n_experts must be 0 (dense) or at least 2, got {self.n_experts}")
+        if self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts:
+            raise ConfigError(
+                f"n_experts_per_tok must be in 1..{self.n_experts}, got {self.n_experts_per_tok}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -98,6 +111,11 @@ PRESETS: dict[str, dict] = {
     "gpt2-char-cpu": dict(**_CHAR_CPU),
     "gpt2-improved-char-cpu": dict(_CHAR_CPU, pos_emb="rope", n_kv_head=2, bias=False),
     "gpt2-debug": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, vocab_size=97),
+    # sparse mixture of experts (top-2 of 4, or 8 on the CPU recipe), everything else as above
+    "gpt2-moe-debug": dict(
+        n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, vocab_size=97, n_experts=4
+    ),
+    "gpt2-moe-char-cpu": dict(_CHAR_CPU, n_experts=8, n_experts_per_tok=2),
 }
 
 
@@ -111,12 +129,22 @@ class Block(nn.Module):
             cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout, cfg.attn_backend
         )
         self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
-        self.mlp = make_mlp(cfg.mlp, cfg.n_embd, cfg.hidden, cfg.bias, cfg.dropout)
+        self.moe = cfg.n_experts > 0
+        if self.moe:
+            self.mlp = MoE(
+                cfg.n_embd, cfg.hidden, cfg.n_experts, cfg.n_experts_per_tok, cfg.mlp, cfg.bias, cfg.dropout
+            )
+        else:
+            self.mlp = make_mlp(cfg.mlp, cfg.n_embd, cfg.hidden, cfg.bias, cfg.dropout)
 
     def forward(self, x, rope=None, mask=None, is_causal=True, cache=None, layer=0):
+        """x (B, T, C) -> (B, T, C), and the router's statistics (RouterStats) in an MoE block, else None."""
         x = x + self.attn(self.ln_1(x), rope, mask, is_causal, cache, layer)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        if self.moe:
+            h, stats = self.mlp(self.ln_2(x))
+        else:
+            h, stats = self.mlp(self.ln_2(x)), None
+        return x + h, stats
 
 
 class GPT(LanguageModel):
@@ -157,7 +185,7 @@ class GPT(LanguageModel):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight", "mlp.down.weight")):
+            if name.endswith(("proj.weight", "down.weight")):  # attn.proj, mlp.proj or mlp.down, and experts'
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
     def forward(
@@ -185,15 +213,23 @@ class GPT(LanguageModel):
         x = self.drop(x)
         rope = self.rope(pos, end) if self.rope is not None else None  # cos, sin: (T or B,T, hd)
         mask, is_causal = cache.mask(T) if cache is not None else (None, True)
+        stats = []
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, is_causal, cache, i)
+            x, s = block(x, rope, mask, is_causal, cache, i)
+            if s is not None:
+                stats.append(s)
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)
+        aux = combine_router_stats(stats) if stats else None  # MoE: router losses and expert loads
         if targets is not None:
             logits = self.lm_head(x)
-            return LMOutput(logits, lm_loss(logits, targets))
-        return LMOutput(self.lm_head(x[:, -1:] if last_only else x))
+            loss = lm_loss(logits, targets)
+            if aux is not None:
+                aux["lm_loss"] = loss.detach()
+                loss = add_router_losses(loss, aux, self.config.moe_aux_weight, self.config.moe_z_weight)
+            return LMOutput(logits, loss, aux)
+        return LMOutput(self.lm_head(x[:, -1:] if last_only else x), None, aux)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None) -> KVCache:
         """A preallocated KV cache for ``batch`` rows of up to ``max_len`` tokens (default block_size)."""
@@ -231,4 +267,4 @@ class GPT(LanguageModel):
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        return 6 * self.active_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T

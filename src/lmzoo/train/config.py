@@ -28,19 +28,31 @@ class TrainConfig(Config):
     out_dir: str = "runs/default"
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int = 0  # CPU threads for torch (0: torch's default); 1 is fastest on a busy machine
+    # precision (docs/mixed-precision.md)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # compute dtype (autocast)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # weights, grads and AdamW moments
+    fp32_norms: bool = True  # norm layers compute in float32 (autocast off inside them)
+    tf32: bool = True  # CUDA: float32 matmuls on TF32 tensor cores
     compile: bool = False
-    # batch
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ code generation)
+    grad_checkpointing: bool = False  # recompute each block's activations in backward
+    # batch (docs/gradient-accumulation.md)
     batch_size: int = 12  # sequences per micro-batch
     block_size: int | None = None  # context length; default the model's block_size
     grad_accum: int = 1  # micro-batches per optimizer step
+    global_batch: int | None = None  # sequences per optimizer step; sets grad_accum = this / (batch*world)
+    batch_ramp_steps: int = 0  # grow micro-batches per step linearly over this many steps (0: off)
+    batch_ramp_start: int = 1  # micro-batches per step at step 0 of the ramp
     max_steps: int = 2000
+    max_time_s: float = 0.0  # wall-clock budget incl. the final evaluation (0: none)
     # optimizer and schedule
     lr: float = 1e-3
     min_lr: float = 1e-4
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 100
     decay_steps: int | None = None  # cosine horizon; default max_steps
+    schedule_unit: Literal["steps", "time"] = "steps"  # "time": decay over max_time_s of wall clock
     wsd_decay_frac: float = 0.2
     weight_decay: float = 0.1
     decay_embeddings: bool = False
@@ -54,27 +66,64 @@ class TrainConfig(Config):
     ckpt_interval: int = 0  # extra checkpoints every N steps (0: at evaluations and the end)
     keep_last: int = 2
     max_nonfinite: int = 5  # abort after this many non-finite steps in a row
+    early_stop_patience: int = 0  # stop after this many evaluations without improvement (0: off)
+    early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this
     resume: bool = False
     progress: bool = True
+    run_name: str | None = None  # default: the out_dir's name
+    tensorboard: bool = False  # event files in <out_dir>/tb (needs the tensorboard package)
+    wandb: bool = False  # Weights & Biases (needs wandb; offline by default: no account)
+    wandb_project: str = "lmzoo"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    peak_flops: float | None = None  # device peak FLOP/s for MFU (default: the GPU table; CPU: none)
+    system_metrics_interval: int = 10  # CUDA memory / NVML readings every N steps
+    profile: bool = False  # torch.profiler trace of a few steps into <out_dir>/profile
+    profile_steps: int = 3  # steps recorded (after 1 wait and 1 warm-up step)
     sample_tokens: int = 200  # sample printed at the end (0: none)
     sample_prompt: str = "\n"
 
     def validate(self) -> None:
-        positive = ["batch_size", "grad_accum", "max_steps", "eval_iters", "keep_last", "max_nonfinite"]
+        positive = ["batch_size", "grad_accum", "max_steps", "eval_iters", "keep_last", "max_nonfinite",
+                    "batch_ramp_start", "system_metrics_interval", "profile_steps"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "ckpt_interval", "sample_tokens"):
+        nonneg = ("warmup_steps", "eval_interval", "ckpt_interval", "sample_tokens", "threads",
+                  "batch_ramp_steps", "max_time_s", "early_stop_patience", "early_stop_min_delta")
+        for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.global_batch is not None:
+            if self.global_batch <= 0:
+                raise ConfigError(f"global_batch must be positive, got {self.global_batch}")
+            derived = accumulation_steps(self.global_batch, self.batch_size, 1)
+            if self.grad_accum not in (1, derived):
+                raise ConfigError(
+                    f"grad_accum {self.grad_accum} contradicts global_batch {self.global_batch} / batch_size "
+                    f"{self.batch_size} = {derived}; set one of them"
+                )
+            self.grad_accum = derived
+        if self.batch_ramp_steps and self.batch_ramp_start > self.grad_accum:
+            raise ConfigError(
+                f"batch_ramp_start ({self.batch_ramp_start}) must be <= grad_accum ({self.grad_accum}): "
+                "the ramp grows the micro-batches per step up to grad_accum"
+            )
+        if self.schedule_unit == "time" and not self.max_time_s:
+            raise ConfigError("schedule_unit=time decays the learning rate over max_time_s: set max_time_s")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError(f"peak_flops must be positive, got {self.peak_flops}")
+        if not self.compile_backend:
+            raise ConfigError("compile_backend must name a torch.compile backend (inductor, aot_eager, ...)")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if self.block_size is not None and self.block_size <= 0:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
-        if self.decay_steps is not None and self.decay_steps <= 0:
-            raise ConfigError(f"decay_steps must be positive, got {self.decay_steps}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ConfigError(
+                f"decay_steps ({self.decay_steps}) must be larger than warmup_steps ({self.warmup_steps})"
+            )
         if not 0.0 <= self.wsd_decay_frac <= 1.0:
             raise ConfigError(f"wsd_decay_frac must be in [0, 1], got {self.wsd_decay_frac}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
@@ -84,6 +133,31 @@ class TrainConfig(Config):
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ConfigError(f"vocab_size must be positive, got {self.vocab_size}")
+
+
+def accumulation_steps(global_batch: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step so that ``batch_size * world_size * steps == global_batch``."""
+    per_pass = batch_size * world_size
+    if global_batch % per_pass:
+        raise ConfigError(
+            f"global_batch {global_batch} is not divisible by batch_size {batch_size} x world size "
+            f"{world_size} = {per_pass}; choose a multiple of {per_pass}"
+        )
+    return global_batch // per_pass
+
+
+def grad_accum_at(step: int, cfg: TrainConfig, grad_accum: int | None = None) -> int:
+    """Micro-batches in optimizer step ``step``: the batch-size ramp, a pure function of the step.
+
+    GPT-3 (Brown et al. 2020, appendix B) grows the batch linearly over the first tokens: early
+    gradients are large and agree, so a small batch already points the right way and big batches
+    only pay off once the gradient noise dominates (McCandlish et al. 2018, "critical batch size").
+    """
+    end = grad_accum or cfg.grad_accum  # the full value (the trainer's, for data-parallel runs)
+    if not cfg.batch_ramp_steps or step >= cfg.batch_ramp_steps:
+        return end
+    start = min(cfg.batch_ramp_start, end)
+    return start + (end - start) * step // cfg.batch_ramp_steps
 
 
 def split_overrides(overrides: dict[str, Any]) -> dict[str, Any]:

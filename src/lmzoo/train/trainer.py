@@ -1,9 +1,14 @@
 """The trainer shared by every model family: ``lmzoo train`` and :func:`lmzoo.train` call it.
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` x ``block_size`` tokens, the
-loss of each divided by ``grad_accum`` so the summed gradient equals that of one large batch.
-Everything the next step depends on (weights, optimizer moments, schedule step, data position,
-RNG states) goes into each checkpoint, so ``resume=True`` continues bit for bit.
+loss of each divided by the number of micro-batches so the summed gradient equals that of one
+large batch (docs/gradient-accumulation.md). Everything the next step depends on (weights,
+optimizer moments, schedule step, data position, RNG states, early-stopping state, time spent)
+goes into each checkpoint, so ``resume=True`` continues bit for bit (docs/checkpointing.md).
+
+The model is prepared from outside, in this order: parameters cast and norms kept in float32
+(:mod:`.precision`), blocks wrapped for activation checkpointing
+(:mod:`.activation_checkpointing`), the optimizer built, then ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -11,77 +16,36 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
+import os
 import shutil
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
 from ..atomic import atomic_write_text
 from ..errors import CheckpointError, ConfigError, DataError, LmzooError
+from ..layers.moe import loggable
 from ..models import PRESETS, build_model, config_to_dict, preset_config
-from .config import TrainConfig
+from .activation_checkpointing import apply_activation_checkpointing
+from .config import TrainConfig, accumulation_steps, grad_accum_at
+from .loggers import Loggers, TensorBoardLogger, WandbLogger, system_metrics
 from .metrics import MetricsLogger
+from .mfu import device_peak_flops, mfu
 from .optim import make_adamw
+from .precision import DTYPES, apply_precision, autocast, resolve_dtype, setup_tf32
+from .runtime import (  # noqa: F401 - re-exported: lmzoo.train.trainer.resolve_device is public
+    default_data_dir,
+    resolve_device,
+    rng_state,
+    same_tokenizer,
+    seed_everything,
+    set_rng_state,
+)
 from .schedule import lr_at
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but no CUDA GPU is available")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype: ``auto`` is bf16 on GPUs that support it, else float32."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def default_data_dir(cfg: TrainConfig) -> Path:
-    src = Path(cfg.source).stem if ("/" in cfg.source or "." in cfg.source) else cfg.source
-    tok = Path(cfg.tokenizer).name if "/" in cfg.tokenizer else cfg.tokenizer
-    suffix = f"{tok}{cfg.vocab_size}" if cfg.vocab_size else tok
-    return Path("data") / f"{src}-{suffix}"
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_pos": random.getstate()[2],
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -92,12 +56,19 @@ class Trainer:
         from ..tokenizer import load_tokenizer
 
         self.cfg = cfg
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.param_dtype = DTYPES[cfg.param_dtype]
+        setup_tf32(self.device, cfg.tf32)
         self.out_dir = Path(cfg.out_dir)
+        self.run_name = cfg.run_name or self.out_dir.resolve().name
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.grad_accum = accumulation_steps(cfg.global_batch, cfg.batch_size, world) if cfg.global_batch else (
+            cfg.grad_accum
+        )
 
         if model is None:  # check the model settings before any (possibly long) data preparation
             preset_config(cfg.model, **cfg.model_args)
@@ -136,20 +107,26 @@ class Trainer:
             raise DataError(f"{e} (block_size {self.block_size} is larger than the data allows)") from None
         self._val_start = self.val_loader.state_dict()
 
-        # -- optimizer ------------------------------------------------------------------------
+        # -- precision, activation checkpointing, optimizer, compilation ----------------------
+        if self.dtype != torch.float32 or self.param_dtype != torch.float32:
+            apply_precision(self.model, self.param_dtype, cfg.fp32_norms)
+        if cfg.grad_checkpointing:
+            apply_activation_checkpointing(self.model)
         self.optimizer = make_adamw(
             self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.eps, cfg.decay_embeddings
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=self.dtype)
-            if self.dtype != torch.float32
-            else contextlib.nullcontext()
-        )
-        self.step_fn = torch.compile(self.model) if cfg.compile else self.model
+        self.autocast = autocast(self.device, self.dtype)
+        self.step_fn = torch.compile(self.model, backend=cfg.compile_backend) if cfg.compile else self.model
+        self.flops_per_token = self.model.flops_per_token(self.block_size)
+        self.peak_flops, self.device_name = device_peak_flops(self.device, cfg.peak_flops)
+
         self.step = 0
         self.tokens_seen = 0
         self.best_val = math.inf
+        self.es_best = math.inf  # early stopping: best val loss by more than min_delta
+        self.es_bad_evals = 0  # evaluations since that improvement
+        self.train_time_s = 0.0  # wall time of earlier (resumed-from) sessions
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._stop_signal: int | None = None
@@ -162,6 +139,9 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "best_val": self.best_val,
+            "es_best": self.es_best,
+            "es_bad_evals": self.es_bad_evals,
+            "train_time_s": self.elapsed(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "train_loader": self.train_loader.state_dict(),
@@ -169,17 +149,42 @@ class Trainer:
             "train_config": json.dumps(self.cfg.to_dict()),
         }
 
+    def _latest_name(self) -> str:
+        f = self.out_dir / ckpt.LATEST
+        return f.read_text().strip() if f.is_file() else "(none yet)"
+
+    def _guarded_write(self, what: str, write) -> None:
+        """Run a checkpoint write; an OS error (disk full) becomes one clear line naming what survived."""
+        try:
+            write()
+        except OSError as e:
+            reason = e.strerror or str(e)
+            raise OSError(
+                e.errno, f"could not write {what} in {self.out_dir}: {reason}; the newest complete "
+                f"checkpoint {self._latest_name()} is intact (free space, then --resume)"
+            ) from None
+
     def save_checkpoint(self) -> Path:
         """Write ckpt-<step> atomically, point LATEST at it, then prune old ones."""
         name = f"ckpt-{self.step:08d}"
-        ckpt.write_checkpoint(
-            self.model, self.out_dir / name, self.tokenizer, self.state_dict(), extra={"step": self.step}
-        )
-        ckpt.mark_latest(self.out_dir, name)
+
+        def write() -> None:
+            ckpt.write_checkpoint(
+                self.model, self.out_dir / name, self.tokenizer, self.state_dict(), extra={"step": self.step}
+            )
+            ckpt.mark_latest(self.out_dir, name)
+
+        self._guarded_write(f"checkpoint {name}", write)
         old = sorted(p for p in self.out_dir.glob("ckpt-*") if p.is_dir() and p.name != name)
         for p in old[: max(0, len(old) - (self.cfg.keep_last - 1))]:
             shutil.rmtree(p, ignore_errors=True)
         return self.out_dir / name
+
+    def _save_best(self) -> None:
+        self._guarded_write(
+            "the best checkpoint",
+            lambda: ckpt.write_checkpoint(self.model, self.out_dir / "best", self.tokenizer, extra={"step": self.step}),
+        )
 
     def _resume(self) -> None:
         try:
@@ -194,6 +199,12 @@ class Trainer:
         if diff:
             detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs run {mine.get(k)!r}" for k in diff[:4])
             raise CheckpointError(f"cannot resume from {d}: another architecture or vocabulary ({detail})")
+        saved_tok = ckpt.load_tokenizer_of(d)
+        if saved_tok is not None and not same_tokenizer(saved_tok, self.tokenizer):
+            raise CheckpointError(
+                f"cannot resume from {d}: it was trained with another tokenizer than {self.data_dir}'s "
+                "(same vocabulary size, different tokens)"
+            )
         ckpt.load_weights(self.model, d / ckpt.WEIGHTS)
         st = ckpt.load_train_state(d)
         self.optimizer.load_state_dict(st["optimizer"])
@@ -201,6 +212,9 @@ class Trainer:
         self.train_loader.load_state_dict(st["train_loader"])
         set_rng_state(st["rng"])
         self.step, self.tokens_seen, self.best_val = st["step"], st["tokens_seen"], st["best_val"]
+        self.es_best = st.get("es_best", self.best_val)
+        self.es_bad_evals = st.get("es_bad_evals", 0)
+        self.train_time_s = st.get("train_time_s", 0.0)
         print(f"resumed from {d} at step {self.step}")
 
     # -- evaluation -------------------------------------------------------------------------
@@ -221,13 +235,54 @@ class Trainer:
     def _handle_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
+    def elapsed(self) -> float:
+        """Training wall time so far, over every session of the run (seconds)."""
+        start = getattr(self, "_session_start", None)
+        return self.train_time_s + (time.time() - start if start is not None else 0.0)
+
+    def lr(self) -> float:
+        cfg = self.cfg
+        time_frac = self.elapsed() / cfg.max_time_s if cfg.schedule_unit == "time" else None
+        return lr_at(
+            self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, total=cfg.decay_steps or cfg.max_steps,
+            schedule=cfg.schedule, decay_frac=cfg.wsd_decay_frac, time_frac=time_frac,
+        )
+
+    def _open_loggers(self) -> Loggers:
+        cfg = self.cfg
+        settings = cfg.to_dict()
+        tb = TensorBoardLogger(self.out_dir / "tb", settings) if cfg.tensorboard else None
+        wb = WandbLogger(self.out_dir, cfg.wandb_project, self.run_name, cfg.wandb_mode, settings) if cfg.wandb else None
+        return Loggers(MetricsLogger(self.out_dir / "metrics.jsonl"), tb, wb)
+
+    def _profiler(self):
+        """torch.profiler over steps 3..2+profile_steps (1 wait, 1 warm-up), traces in <out_dir>/profile."""
+        if not self.cfg.profile:
+            return contextlib.nullcontext()
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        return profile(
+            activities=activities,
+            schedule=schedule(wait=1, warmup=1, active=self.cfg.profile_steps, repeat=1),
+            on_trace_ready=tensorboard_trace_handler(str(self.out_dir / "profile")),
+            record_shapes=True,
+            profile_memory=True,
+        )
+
     def train(self) -> dict[str, Any]:
-        """Run until ``max_steps``; returns a summary (final val loss, tokens/s, wall time, paths)."""
+        """Run until ``max_steps``, the time budget, early stopping or a signal; returns a summary."""
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
-        log = MetricsLogger(self.out_dir / "metrics.jsonl")
-        log.log("event", self.step, event="start", params=self.model.num_params(), device=str(self.device))
+        log = self._open_loggers()
+        log.log(
+            "event", self.step, event="start", run_name=self.run_name, params=self.model.num_params(),
+            non_embedding_params=self.model.num_params(non_embedding=True), device=str(self.device),
+            device_name=self.device_name, dtype=str(self.dtype).replace("torch.", ""), param_dtype=cfg.param_dtype,
+            flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, block_size=self.block_size,
+            batch_size=cfg.batch_size, grad_accum=self.grad_accum, threads=torch.get_num_threads(),
+        )
         handlers = {}
         with contextlib.suppress(ValueError):  # not the main thread: no signal handling
             for s in (signal.SIGTERM, signal.SIGINT):
@@ -237,67 +292,96 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, leave=True)
-        decay_total = cfg.decay_steps or cfg.max_steps
-        tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum
         model, opt = self.model, self.optimizer
         model.train()
-        t_start = time.time()
+        self._session_start = time.time()
+        session_tokens = 0
         val_loss = math.nan
         last_ckpt_step = -1
+        last_eval_s = 0.0  # the last evaluation's duration: reserved at the end of a time budget
+        stop_reason = "max_steps"
         try:
-            while self.step < cfg.max_steps:
-                t0 = time.time()
-                lr = lr_at(
-                    self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, total=decay_total,
-                    schedule=cfg.schedule, decay_frac=cfg.wsd_decay_frac,
-                )
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                loss_sum = torch.zeros((), device=self.device)
-                for _ in range(cfg.grad_accum):
-                    x, y = self.train_loader.next_batch()
-                    with self.autocast:
-                        loss = self.step_fn(x, y).loss / cfg.grad_accum
-                    self.scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-                self.scaler.unscale_(opt)
-                if cfg.grad_clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                else:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-                loss_val, norm_val = float(loss_sum), float(norm)
-                if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-                    self._skip_step(opt, log, loss_val, norm_val)
-                    continue
-                self.nonfinite_in_row = 0
-                self.scaler.step(opt)
-                self.scaler.update()
-                opt.zero_grad(set_to_none=True)
-                self.step += 1
-                self.tokens_seen += tokens_per_step
-                dt = time.time() - t0
-                log.log(
-                    "train", self.step, loss=loss_val, lr=lr, grad_norm=norm_val, tokens=self.tokens_seen,
-                    tokens_per_s=tokens_per_step / max(dt, 1e-9), step_ms=1000 * dt,
-                )
-                if bar is not None:
-                    bar.update(1)
-                    if self.step % 10 == 0 or self.step == cfg.max_steps:
-                        bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tokens_per_step / max(dt, 1e-9):,.0f}")
-                is_eval = (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step == cfg.max_steps
-                if is_eval:
-                    val_loss = self.evaluate()
-                    log.log("eval", self.step, val_loss=val_loss)
+            with self._profiler() as prof:
+                while self.step < cfg.max_steps:
+                    t0 = time.time()
+                    lr = self.lr()
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    accum = grad_accum_at(self.step, cfg, self.grad_accum)
+                    loss_sum = torch.zeros((), device=self.device)
+                    for _ in range(accum):
+                        x, y = self.train_loader.next_batch()
+                        with self.autocast:
+                            out = self.step_fn(x, y)
+                            loss = out.loss / accum
+                        self.scaler.scale(loss).backward()
+                        loss_sum += loss.detach()
+                    self.scaler.unscale_(opt)
+                    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    loss_val, norm_val = float(loss_sum), float(norm)
+                    if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+                        self._skip_step(opt, log, loss_val, norm_val)
+                        continue
+                    self.nonfinite_in_row = 0
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                    self.step += 1
+                    step_tokens = cfg.batch_size * self.block_size * accum
+                    self.tokens_seen += step_tokens
+                    session_tokens += step_tokens
+                    dt = time.time() - t0
+                    tok_s = step_tokens / max(dt, 1e-9)
+                    rec = dict(
+                        loss=loss_val, lr=lr, grad_norm=norm_val, tokens=self.tokens_seen, tokens_per_s=tok_s,
+                        step_ms=1000 * dt, micro_batches=accum,
+                    )
+                    rec.update(loggable(out.aux))  # MoE: router losses, expert loads (last micro-batch)
+                    if self.peak_flops:
+                        rec["mfu"] = mfu(self.flops_per_token, tok_s, self.peak_flops)
+                    if self.step % cfg.system_metrics_interval == 0:
+                        rec.update(system_metrics(self.device))
+                    log.log("train", self.step, **rec)
+                    if prof is not None:
+                        prof.step()
                     if bar is not None:
-                        bar.write(f"step {self.step}: val loss {val_loss:.4f}")
-                    if val_loss < self.best_val:
-                        self.best_val = val_loss
-                        ckpt.write_checkpoint(model, self.out_dir / "best", self.tokenizer, extra={"step": self.step})
-                if is_eval or (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0):
-                    self.save_checkpoint()
-                    last_ckpt_step = self.step
-                if self._stop_signal is not None:
-                    break
+                        bar.update(1)
+                        if self.step % 10 == 0 or self.step == cfg.max_steps:
+                            bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
+                    out_of_time = bool(cfg.max_time_s) and self.elapsed() + last_eval_s >= cfg.max_time_s
+                    is_eval = (
+                        (cfg.eval_interval and self.step % cfg.eval_interval == 0)
+                        or self.step == cfg.max_steps
+                        or out_of_time
+                    )
+                    if is_eval:
+                        t_eval = time.time()
+                        val_loss = self.evaluate()
+                        last_eval_s = time.time() - t_eval
+                        log.log("eval", self.step, val_loss=val_loss, tokens=self.tokens_seen, eval_s=last_eval_s)
+                        if bar is not None:
+                            bar.write(f"step {self.step}: val loss {val_loss:.4f}")
+                        if val_loss < self.best_val:
+                            self.best_val = val_loss
+                            self._save_best()
+                        if self._early_stop(val_loss):
+                            stop_reason = "early_stop"
+                    if is_eval or (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0):
+                        self.save_checkpoint()
+                        last_ckpt_step = self.step
+                    if out_of_time and stop_reason == "max_steps":
+                        stop_reason = "time"
+                    if stop_reason != "max_steps":
+                        log.log("event", self.step, event=stop_reason, elapsed_s=self.elapsed())
+                        break
+                    if self._stop_signal is not None:
+                        stop_reason = "signal"
+                        break
+        except BaseException as e:
+            log.log("event", self.step, event="error", error=f"{type(e).__name__}: {str(e)[:300]}")
+            log.close()
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -305,27 +389,46 @@ class Trainer:
                 signal.signal(s, h)
         if self._stop_signal is not None and last_ckpt_step != self.step:
             self.save_checkpoint()
-        wall = time.time() - t_start
+        wall = time.time() - self._session_start
+        self.train_time_s, self._session_start = self.elapsed(), None
         summary = {
             "step": self.step,
             "val_loss": val_loss,
             "best_val_loss": self.best_val,
             "wall_s": wall,
-            "tokens_per_s": self.tokens_seen / max(wall, 1e-9) if self._stop_signal is None else None,
+            "train_time_s": self.train_time_s,
+            "tokens_per_s": session_tokens / max(wall, 1e-9) if self._stop_signal is None else None,
+            "tokens": self.tokens_seen,
             "out_dir": str(self.out_dir),
             "interrupted": self._stop_signal is not None,
+            "stop_reason": stop_reason,
             "nonfinite_steps": self.nonfinite_total,
         }
         log.log("event", self.step, event="end", **{k: v for k, v in summary.items() if k not in ("out_dir", "step")})
         log.close()
         return summary
 
-    def _skip_step(self, opt, log: MetricsLogger, loss_val: float, norm_val: float) -> None:
+    def _early_stop(self, val_loss: float) -> bool:
+        """Patience counting (Prechelt 1998): stop after ``early_stop_patience`` evaluations that did
+        not beat the best by more than ``early_stop_min_delta``."""
+        cfg = self.cfg
+        if not cfg.early_stop_patience:
+            return False
+        if val_loss < self.es_best - cfg.early_stop_min_delta:
+            self.es_best, self.es_bad_evals = val_loss, 0
+            return False
+        self.es_bad_evals += 1
+        return self.es_bad_evals >= cfg.early_stop_patience
+
+    def _skip_step(self, opt, log, loss_val: float, norm_val: float) -> None:
         opt.zero_grad(set_to_none=True)
         self.scaler.update()
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
-        log.log("event", self.step, event="nonfinite_skip", loss=loss_val, grad_norm=norm_val)
+        log.log(
+            "event", self.step, event="nonfinite_skip", loss=loss_val, grad_norm=norm_val,
+            in_row=self.nonfinite_in_row, total=self.nonfinite_total,
+        )
         if self.nonfinite_in_row >= self.cfg.max_nonfinite:
             raise LmzooError(
                 f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step} "

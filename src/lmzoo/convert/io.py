@@ -1,0 +1,225 @@
+"""Reading and writing Hugging Face checkpoint directories, one tensor (or one shard) at a time.
+
+A ``transformers`` model directory holds ``config.json`` and the weights in one of four layouts,
+tried in this order (the order ``transformers`` itself prefers):
+
+| file                              | layout                                                      |
+|-----------------------------------|-------------------------------------------------------------|
+| ``model.safetensors``             | one safetensors file                                        |
+| ``model.safetensors.index.json``  | ``{"weight_map": {tensor: shard file}}`` + safetensors shards |
+| ``pytorch_model.bin``             | one ``torch.save``'d state dict (a zip of pickles)          |
+| ``pytorch_model.bin.index.json``  | the same index format over ``.bin`` shards                  |
+
+Memory: :func:`iter_tensors` yields ``(name, tensor)`` pairs lazily. A safetensors file is read
+tensor by tensor; a ``.bin`` shard is memory-mapped (``mmap=True``) and released before the next
+one. A caller that converts and stores each tensor as it arrives therefore never holds two full
+copies of the weights: only the model being filled plus one tensor in flight. The yielded
+tensors may be views of a private mapping of the file (safetensors, memory-mapped ``.bin``): a
+caller that keeps one unchanged should copy it so the file can be unmapped (``from_hf`` does).
+
+Safety: ``.bin`` files are pickles, and unpickling can run arbitrary code. They are loaded only
+with ``torch.load(weights_only=True)``, which refuses every global but tensors and plain
+containers; a refused or corrupt file is a :class:`~lmzoo.errors.CheckpointError`, never a
+traceback. Writing goes through :func:`lmzoo.atomic.atomic_path`: a kill mid-write leaves the
+old directory or the new one, never a half-written mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..atomic import atomic_path
+from ..errors import CheckpointError
+
+CONFIG = "config.json"
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_LAYOUTS = (SAFETENSORS, SAFETENSORS_INDEX, BIN, BIN_INDEX)  # in order of preference
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (library errors sometimes span several)."""
+    msg = " ".join(str(e).split())
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``config.json`` of a Hugging Face model directory.
+
+    Raises CheckpointError naming the file when the directory or the file is missing, or the file
+    is not a JSON object.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: no such directory")
+    f = d / CONFIG
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing {CONFIG} (not a Hugging Face model directory?)")
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f}: expected a JSON object")
+    return cfg
+
+
+def _read_index(index: Path) -> list[Path]:
+    """The shard files an index names, in order of first appearance; every one must exist."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: not valid JSON ({_one_line(e)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no 'weight_map' of tensor name -> shard file")
+    shards: list[Path] = []
+    for name, shard in weight_map.items():
+        # a shard is a plain file name beside the index: refuse paths that would leave the directory
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index}: tensor {name!r} points to an invalid shard name {shard!r}")
+        p = index.parent / shard
+        if p not in shards:
+            shards.append(p)
+    for p in shards:
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing shard {p.name} (listed in {index.name})")
+    return shards
+
+
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The weight files of a Hugging Face model directory, checked to exist, in reading order.
+
+    Picks the first layout of :data:`WEIGHT_LAYOUTS` present. Raises CheckpointError naming the
+    missing file (a shard listed in an index, or the weights file when there is none at all).
+    """
+    d = Path(directory)
+    for layout in WEIGHT_LAYOUTS:
+        p = d / layout
+        if p.is_file():
+            return _read_index(p) if layout.endswith(".index.json") else [p]
+    raise CheckpointError(
+        f"{d / SAFETENSORS}: missing weights file (found none of {', '.join(WEIGHT_LAYOUTS)})"
+    )
+
+
+def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...: all mean "not a readable safetensors file"
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({_one_line(e)})") from None
+    with handle as f:
+        for name in f.keys():
+            try:
+                t = f.get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"{file}: cannot read tensor {name!r} ({_one_line(e)})") from None
+            yield name, t  # outside the try: errors raised by the consumer are not ours to rename
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``: tensors and containers only, never arbitrary objects."""
+    # The zip format (torch >= 1.6) can be memory-mapped: pages are read when a tensor is touched.
+    mmap = zipfile.is_zipfile(file)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        # torch's message explains how to turn the protection off; keep only what was refused
+        m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n\n|$)", str(e), re.DOTALL)
+        why = _one_line(m.group(1)) if m else _one_line(e)
+        raise CheckpointError(
+            f"{file}: refused by torch.load(weights_only=True), which loads only tensors ({why})"
+        ) from None
+    except Exception as e:  # RuntimeError for a corrupt or truncated zip, EOFError, ...
+        raise CheckpointError(f"{file}: unreadable PyTorch weights file ({_one_line(e)})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{file}: expected a state dict of tensor name -> tensor")
+    return state
+
+
+def _drain(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield and forget each entry, so a tensor is freed once its consumer has dropped it."""
+    for name in list(state):
+        yield name, state.pop(name)
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every ``(name, tensor)`` of ``files`` (from :func:`weight_files`), on the CPU.
+
+    Lazily: one tensor of a safetensors file at a time, one ``.bin`` shard at a time. Names
+    that appear in two files raise CheckpointError.
+    """
+    seen: set[str] = set()
+    for file in files:
+        if file.suffix == ".safetensors":
+            tensors = _iter_safetensors(file)
+        else:
+            tensors = _drain(_load_bin(file))
+        for name, t in tensors:
+            if name in seen:
+                raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
+            seen.add(name)
+            yield name, t
+
+
+def check_shape(source: str, tensor: torch.Tensor, expected: tuple[int, ...], note: str = "") -> None:
+    """Raise CheckpointError naming ``source`` and both shapes when ``tensor`` is not ``expected``."""
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(
+            f"tensor {source!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}{note}"
+        )
+
+
+def _kept_files(d: Path) -> list[Path]:
+    """Files of an existing directory that a rewrite keeps: everything but config and weights."""
+    if not d.is_dir():
+        return []
+
+    def is_weights(p: Path) -> bool:
+        return p.name == CONFIG or p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
+
+    return [p for p in d.iterdir() if not is_weights(p)]
+
+
+def write_hf_dir(
+    directory: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` atomically.
+
+    Tensors must be contiguous, on any device, and share no storage (safetensors refuses
+    aliases: store tied weights once). When ``directory`` already exists, other files in it (a
+    tokenizer, a README) are kept, while old weights (``*.safetensors``, ``*.bin``, their
+    index) are dropped so that ``transformers`` cannot load a mix of old and new tensors.
+    Returns the directory.
+    """
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"{d}: exists and is not a directory")
+    with atomic_path(d) as tmp:
+        tmp.mkdir()
+        for p in _kept_files(d):
+            if p.is_dir():
+                shutil.copytree(p, tmp / p.name, symlinks=True)
+            else:
+                shutil.copy2(p, tmp / p.name, follow_symlinks=False)
+        cpu = {k: v.detach().cpu() for k, v in tensors.items()}
+        save_file(cpu, str(tmp / SAFETENSORS), metadata={"format": "pt"})
+        del cpu
+        (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return d
