@@ -41,6 +41,7 @@ def emit(env: dict, **fields) -> None:
 
 
 def rope_relative(env: dict, head_dim: int, max_pos: int) -> None:
+    """Spread of q·k over all position pairs with the same offset: zero in exact arithmetic."""
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, head_dim, generator=g).unbind(0)
     m = torch.arange(max_pos)
@@ -55,14 +56,13 @@ def rope_relative(env: dict, head_dim: int, max_pos: int) -> None:
         return ang.cos(), ang.sin()
 
     for delta in (0, 1, 16, 256):
-        mm, nn = m[delta:], m[: max_pos - delta]  # query at mm, key at nn = mm - delta
-        s32 = (apply_rope(q.expand(len(mm), -1)[None, None], *rope(mm, max_pos))
-               * apply_rope(k.expand(len(nn), -1)[None, None], *rope(nn, max_pos))).sum(-1).flatten()
-
-        s64 = (apply_rope(q.double().expand(len(mm), -1)[None, None], *table(mm))
-               * apply_rope(k.double().expand(len(nn), -1)[None, None], *table(nn))).sum(-1).flatten()
+        mq, nk = m[delta:], m[: max_pos - delta]  # query at mq, key at nk = mq - delta
+        s32 = (apply_rope(q.expand(len(mq), -1)[None, None], *rope(mq, max_pos))
+               * apply_rope(k.expand(len(nk), -1)[None, None], *rope(nk, max_pos))).sum(-1).flatten()
+        s64 = (apply_rope(q.double().expand(len(mq), -1)[None, None], *table(mq))
+               * apply_rope(k.double().expand(len(nk), -1)[None, None], *table(nk))).sum(-1).flatten()
         emit(env, bench="rope_relative", head_dim=head_dim, max_pos=max_pos, delta=delta,
-             pairs=len(mm), score=round(s64[0].item(), 6),
+             pairs=len(mq), score=round(s64[0].item(), 6),
              spread_float32=(s32.max() - s32.min()).item(), spread_float64=(s64.max() - s64.min()).item())
 
 
@@ -75,6 +75,7 @@ def rope_interleaved(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def rope_layouts(env: dict, n_embd: int = 256, n_head: int = 4, T: int = 128) -> None:
+    """Attention scores of interleaved RoPE on Meta-layout weights vs rotate-half RoPE on permuted ones."""
     hd = n_embd // n_head
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, n_embd, generator=g)

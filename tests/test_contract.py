@@ -14,6 +14,7 @@ import torch
 
 import lmzoo
 from lmzoo.generate import left_pad
+from lmzoo.layers.attention import CausalSelfAttention
 from lmzoo.models import FAMILIES, PRESETS, preset_config
 
 VARIANTS: dict[str, list[dict]] = {
@@ -23,6 +24,17 @@ VARIANTS: dict[str, list[dict]] = {
         {"pos_emb": "rope", "n_kv_head": 1, "bias": False, "norm": "rmsnorm", "mlp": "swiglu"},
         {"n_kv_head": 4, "mlp": "gelu", "tie_embeddings": False},
         {"n_experts": 4, "n_experts_per_tok": 2},  # sparse mixture of GELU experts
+        {"pos_emb": "alibi", "n_head": 3, "n_embd": 36, "n_kv_head": 1},  # ALiBi, a non-power-of-two head count
+        {"attention": "linear", "linear_chunk": 8},  # linear attention: recurrent state as the cache
+        {"attention": "linear", "pos_emb": "none", "linear_feature_map": "relu", "n_kv_head": 4},
+        {"attention": "infini", "pos_emb": "rope", "infini_segment": 8},  # Infini-attention
+        {"attention": "infini", "pos_emb": "rope", "infini_segment": 5, "infini_delta_rule": True},
+        {"kv_share_every": 2},  # cross-layer KV sharing (CLA2)
+        {"kv_share_every": 2, "n_layer": 3, "pos_emb": "alibi", "n_kv_head": 1},  # a group of one at the end
+    ],
+    "transformer-xl": [
+        {},  # post-norm, as in the paper
+        {"pre_norm": True, "clamp_len": 6, "n_head": 2, "d_head": 12},
     ],
     "llama": [
         {},  # Llama 2: RMSNorm, SwiGLU, RoPE, GQA 2:1
@@ -88,9 +100,20 @@ def test_cached_decoding_matches_full_forward(family, overrides):
     assert (torch.cat(parts, 1) - full).abs().max() <= 1e-4
 
 
+# Contract items that cannot apply to a variant, with the reason (the test checks the refusal instead).
+LEFT_PAD_UNSUPPORTED = {
+    ("gpt2", "infini"): "Infini-attention counts segments from the first slot of the batch; a left-padded "
+    "row would see its segment boundaries shifted, so it cannot compute what it computes alone",
+}
+
+
 @pytest.mark.parametrize("family,overrides", CASES)
 def test_cached_batch_of_different_lengths_matches_each_prompt_alone(family, overrides):
     m = make(family, overrides)
+    if (family, overrides.get("attention")) in LEFT_PAD_UNSUPPORTED:
+        with pytest.raises(ValueError, match="left-padded"):
+            m.init_cache(2, 8, pad=torch.tensor([0, 3]))
+        return
     lengths = [9, 4, 13]
     prompts = [torch.randint(0, vocab(m), (n,)).tolist() for n in lengths]
     ids, pad = left_pad(prompts)
@@ -156,8 +179,10 @@ def test_flops_and_params_are_consistent(family, overrides):
     n = m.num_params()
     assert n == sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
     assert m.flops_per_token(16) >= 6 * m.active_params()  # MoE: only the experts a token runs
-    # attention grows with context (with a sliding window: until the context reaches the window)
-    assert m.flops_per_token(64) >= m.flops_per_token(16) > m.flops_per_token(2)
+    if m.flops_per_token(64) == m.flops_per_token(2):  # a recurrence (Mamba): the same cost at any context
+        assert not any(isinstance(mod, CausalSelfAttention) for mod in m.modules())
+    else:  # attention grows with context (with a sliding window: until the context reaches the window)
+        assert m.flops_per_token(64) >= m.flops_per_token(16) > m.flops_per_token(2)
 
 
 def test_sdpa_and_reference_attention_agree():

@@ -217,3 +217,89 @@ class RollingKVCache:
 
     def advance(self, T: int) -> None:
         self.pos += T
+
+
+class MambaCache:
+    """The recurrent state of selective-SSM layers: its size does not depend on the length decoded.
+
+    ``conv[layer]`` (B, d_inner, d_conv - 1) holds the last inputs of the causal convolution and
+    ``ssm[layer]`` (B, d_inner, d_state) the SSM state, kept in float32 because it accumulates over
+    the whole sequence. A layer reads ``real_mask(T)`` to zero its left padding (see the module
+    docstring), updates both tensors in place, and the model calls ``advance(T)`` once per chunk.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        d_inner: int,
+        d_conv: int,
+        d_state: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        pad: torch.Tensor | None = None,
+    ):
+        self.conv = torch.zeros(n_layer, batch, d_inner, d_conv - 1, dtype=dtype, device=device)
+        self.ssm = torch.zeros(n_layer, batch, d_inner, d_state, dtype=torch.float32, device=device)
+        self.pos = 0  # tokens seen so far (the same for every row: rows are left-padded)
+        if pad is not None:
+            pad = torch.as_tensor(pad, dtype=torch.long, device=device)
+            if pad.shape != (batch,):
+                raise ValueError(f"pad must have shape ({batch},), got {tuple(pad.shape)}")
+            if not bool(pad.any()):
+                pad = None
+        self.pad = pad
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.conv, self.ssm))
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.conv.zero_()
+        self.ssm.zero_()
+
+    def real_mask(self, T: int) -> torch.Tensor | None:
+        """(B, T) bool, True where the next T slots hold real tokens; None when no row is padded."""
+        if self.pad is None:
+            return None
+        slots = torch.arange(self.pos, self.pos + T, device=self.ssm.device)
+        return slots[None, :] >= self.pad[:, None]
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+
+class HybridCache:
+    """One decoding state for a model that mixes attention and SSM layers (Jamba).
+
+    ``kv`` holds the keys/values of the attention layers (numbered among themselves) and ``ssm``
+    the states of the Mamba layers (numbered among themselves); both see the same padding and the
+    same position. The model asks ``mask`` and ``positions`` once per chunk, passes ``kv`` to its
+    attention layers and ``ssm`` to its Mamba layers, and calls ``advance(T)`` at the end.
+    """
+
+    def __init__(self, kv: KVCache, ssm: MambaCache):
+        self.kv, self.ssm = kv, ssm
+
+    @property
+    def pos(self) -> int:
+        return self.kv.pos
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.ssm.nbytes
+
+    def reset(self) -> None:
+        self.kv.reset()
+        self.ssm.reset()
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.kv.positions(T)
+
+    def mask(self, T: int, window: int | None = None) -> tuple[torch.Tensor | None, bool]:
+        return self.kv.mask(T, window)
+
+    def advance(self, T: int) -> None:
+        self.kv.advance(T)
+        self.ssm.advance(T)

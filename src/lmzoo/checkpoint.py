@@ -56,6 +56,9 @@ def write_checkpoint(
         tmp.mkdir()
         save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt", "lmzoo": "1"})
         cfg = config_to_dict(model)
+        quant = getattr(model, "quantization", None)  # layers rewritten from outside (lmzoo.quant)
+        if quant:
+            extra = {**(extra or {}), "quantization": quant}
         if extra:
             cfg["lmzoo"] = extra
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -136,8 +139,13 @@ def load_weights(model: LanguageModel, file: str | Path, strict: bool = True) ->
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LanguageModel:
     """Load an lmzoo checkpoint (or the newest one of a run directory) as an eval-mode model."""
     d = resolve(path)
-    family, cfg, _ = read_config(d)
+    family, cfg, raw = read_config(d)
     model = build_model(family, cfg)
+    quant = (raw.get("lmzoo") or {}).get("quantization")
+    if quant:  # rebuild the quantized layers before their weights load
+        from .quant import apply_spec
+
+        apply_spec(model, quant)
     load_weights(model, d / WEIGHTS)
     model.to(device=device)
     if dtype is not None:

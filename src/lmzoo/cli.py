@@ -34,6 +34,8 @@ def _train_config(args: argparse.Namespace, extra: list[str]):
     overrides = split_overrides(parse_overrides(extra))
     if args.resume:
         overrides["resume"] = True
+    if getattr(args, "profile", False):
+        overrides["profile"] = True
     merged = {**settings, **{k: v for k, v in overrides.items() if k != "model_args"}}
     if "model_args" in overrides or "model_args" in settings:
         merged["model_args"] = {**(settings.get("model_args") or {}), **overrides.get("model_args", {})}
@@ -182,16 +184,24 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"{name:28s} {family}")
         return 0
     overrides = parse_overrides(extra)
+    if args.flops is not None and not args.preset and not args.checkpoint:
+        if overrides:
+            raise ConfigError("info: overrides apply to presets, not to a FLOP budget")
+        _print_chinchilla(None, args)
+        return 0
     if args.checkpoint:
         if overrides:
             raise ConfigError("info: overrides apply to presets, not to a checkpoint")
         from . import checkpoint as ckpt
 
-        family, cfg, _ = ckpt.read_config(ckpt.resolve(args.checkpoint))
+        family, cfg, raw = ckpt.read_config(ckpt.resolve(args.checkpoint))
         from .models import build_model
+        from .quant import apply_spec
 
         with torch.device("meta"):
             model = build_model(family, cfg)
+            if (raw.get("lmzoo") or {}).get("quantization"):  # e.g. BitNet: rebuild its layers
+                apply_spec(model, raw["lmzoo"]["quantization"])
         name = args.checkpoint
     else:
         if not args.preset:
@@ -215,6 +225,74 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     if kv:
         per_tok = 2 * cfg.n_layer * kv * cfg.head_dim
         print(f"  KV cache per token   {_fmt_bytes(per_tok * 2)} in bf16 ({_fmt_bytes(per_tok * 2 * T)} at {T} tokens)")
+    from .quant import memory_lines
+
+    for line in memory_lines(model):  # a quantized checkpoint: the memory it saves
+        print(line)
+    if args.chinchilla or args.flops is not None:
+        _print_chinchilla(model, args, T)
+    return 0
+
+
+def _measured_tokens_per_s(run_dir: str) -> float:
+    """Median tokens/s of a run's train records (the first steps, compilation and warm-up, left out)."""
+    import statistics
+
+    from .train.metrics import read_metrics
+
+    if not (Path(run_dir) / "metrics.jsonl").is_file():
+        raise ConfigError(f"info: {run_dir} has no metrics.jsonl to read tokens/s from")
+    records = read_metrics(run_dir)
+    rates = [r["tokens_per_s"] for r in records if r.get("kind") == "train" and "tokens_per_s" in r]
+    if not rates:
+        raise ConfigError(f"info: {run_dir}/metrics.jsonl has no train records")
+    return statistics.median(rates[min(len(rates) - 1, 5):])
+
+
+def _print_chinchilla(model, args: argparse.Namespace, T: int | None = None) -> None:
+    """Compute-optimal tokens for the model (or N and D for --flops), and the time at a tokens/s."""
+    from .train import chinchilla as ch
+
+    rate = args.tokens_per_s
+    if args.from_run:
+        rate = _measured_tokens_per_s(args.from_run)
+    if rate is not None and rate <= 0:
+        raise ConfigError(f"info: --tokens-per-s must be positive, got {rate}")
+    method = args.method
+    rule = "~20 tokens/parameter" if method == "20x" else "approach 3 fit"
+    print(f"  compute-optimal (Hoffmann et al. 2022, {rule})")
+    if args.flops is not None:
+        plan = ch.for_flops(args.flops, method)
+        print(f"  FLOP budget          {plan.flops:.3g} (C = 6 N D)")
+        print(f"  optimal parameters   {ch.human(plan.params)}")
+        if model is not None:
+            n = model.num_params()
+            d = args.flops / (6 * n)
+            print(f"  this model           {ch.human(n)}: {ch.human(d)} tokens fit ({d / n:.1f}/parameter)")
+    else:
+        plan = ch.for_params(model.num_params(), method)
+        print(f"  parameters           {ch.human(plan.params)}")
+    print(f"  optimal tokens       {ch.human(plan.tokens)} ({plan.tokens / plan.params:.1f}/parameter)")
+    exact = ""
+    if model is not None and args.flops is None:  # the plan is for this very model
+        exact = f"; {model.flops_per_token(T) * plan.tokens:.3g} with attention"
+    print(f"  training FLOPs       {plan.flops:.3g} (6 N D){exact}")
+    print(f"  predicted loss       {plan.loss:.3f} (approach 3 fit on MassiveText; indicative only)")
+    if rate:
+        src = f"measured in {args.from_run}" if args.from_run else "given"
+        took = ch.duration(plan.train_seconds(rate))
+        print(f"  training time        {took} at {rate:,.0f} tokens/s ({src})")
+    else:
+        print("  training time        give --tokens-per-s N or --from-run RUN_DIR")
+
+
+def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
+    from .train.plot import plot_runs
+
+    if extra:
+        raise ConfigError(f"plot: unrecognized arguments: {' '.join(extra)}")
+    out = plot_runs(args.runs, args.out, x=args.x, smooth=args.smooth, log_y=args.log_y, title=args.title)
+    print(f"wrote {out}")
     return 0
 
 
@@ -230,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--config", help="YAML recipe of TrainConfig fields")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    t.add_argument("--profile", action="store_true", help="record a torch.profiler trace of a few steps")
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("prepare", help="tokenize a corpus into train/val token files")
@@ -265,7 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--checkpoint", default=None)
     i.add_argument("--seq-len", type=int, default=None)
     i.add_argument("--list", action="store_true", help="list the presets")
+    i.add_argument("--chinchilla", action="store_true", help="compute-optimal tokens (Hoffmann et al. 2022)")
+    i.add_argument("--flops", type=float, default=None, help="a FLOP budget: compute-optimal N and D for it")
+    i.add_argument("--method", choices=["20x", "approach3"], default="20x",
+                   help="20 tokens/parameter (default) or the paper's approach-3 loss fit")
+    i.add_argument("--tokens-per-s", type=float, default=None, help="throughput for the time estimate")
+    i.add_argument("--from-run", default=None, help="read the throughput from a run's metrics.jsonl")
     i.set_defaults(func=cmd_info)
+
+    pl = sub.add_parser("plot", help="loss curves of one or several runs into a PNG")
+    pl.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
+    pl.add_argument("--out", default="loss.png", help="output PNG")
+    pl.add_argument("--x", choices=["step", "tokens", "time"], default="step", help="x axis")
+    pl.add_argument("--smooth", type=float, default=0.9, help="EMA smoothing of the train loss, in [0, 1)")
+    pl.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
+    pl.add_argument("--title", default=None)
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

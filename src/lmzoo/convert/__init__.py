@@ -40,7 +40,7 @@ from ..errors import CheckpointError, ConfigError, LmzooError
 from ..layers.rope import RotaryEmbedding, rope_frequencies
 from ..models import build_model
 from ..models.base import LanguageModel
-from . import hf_gpt2, hf_llama, io
+from . import hf_gpt2, hf_jamba, hf_llama, hf_mamba, io
 
 
 class Converter(Protocol):
@@ -284,6 +284,8 @@ def to_hf(model: LanguageModel, path: str | os.PathLike, dtype: torch.dtype | st
 
 register(hf_gpt2.GPT2Converter())
 register(hf_llama.LlamaConverter())
+register(hf_mamba.MambaConverter())
+register(hf_jamba.JambaConverter())
 
 __all__ = [
     "CONVERTERS",

@@ -181,7 +181,7 @@ class LlamaConverter:
             n_head=n_head,
             n_kv_head=d.get("num_key_value_heads") or n_head,
             n_embd=n_embd,
-            head_dim=None if head_dim in (None, n_embd // n_head) else head_dim,
+            head_dim=head_dim,  # None: n_embd // n_head
             mlp_hidden=d["intermediate_size"],
             norm_eps=d["rms_norm_eps"],
             sliding_window=sliding,
@@ -225,7 +225,7 @@ class LlamaConverter:
             "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head,
             "num_key_value_heads": cfg.n_kv_head,
-            "head_dim": cfg.attn_head_dim,
+            "head_dim": cfg.head_dim,
             "hidden_act": "silu",
             "rms_norm_eps": cfg.norm_eps,
             "rope_parameters": rope,
@@ -259,7 +259,7 @@ class LlamaConverter:
         q, k and v of a layer are held until all three have arrived (they are neighbours in the
         files), then fused; a fused expert tensor is split into per-expert copies and dropped.
         """
-        hd = cfg.attn_head_dim
+        hd = cfg.head_dim
         qkv_rows = {"q": cfg.n_head * hd, "k": cfg.n_kv_head * hd, "v": cfg.n_kv_head * hd}
         pending: dict[str, dict[str, torch.Tensor]] = {}  # lmzoo qkv name -> the pieces seen so far
         for hf_name, t in tensors:
@@ -324,7 +324,7 @@ class LlamaConverter:
         self, state: Mapping[str, torch.Tensor], cfg: LlamaConfig
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(HF name, tensor)`` pairs of a Llama state dict: qkv split, experts apart, tied head once."""
-        hd = cfg.attn_head_dim
+        hd = cfg.head_dim
         for name, t in state.items():
             if name == LM_HEAD:
                 if not cfg.tie_embeddings:

@@ -12,6 +12,10 @@ Positions are pure functions of the step counter, so resuming needs only ``state
 - sequential: the split is cut into ``(tokens - 1) // block_size`` non-overlapping windows; row
   ``i`` of batch ``s`` on rank ``r`` is window ``((s * world_size + r) * batch_size + i) mod W``, so
   each step the ranks read consecutive, disjoint stretches and one epoch covers every window once.
+- stream (Transformer-XL's batching): the windows are dealt into ``batch_size * world_size`` lanes
+  of ``L = W // (batch_size * world_size)`` consecutive windows; row ``i`` of batch ``s`` on rank
+  ``r`` is window ``s mod L`` of lane ``r * batch_size + i``. Each row thus continues, batch after
+  batch, exactly where it stopped: a model carrying a memory across batches reads a long stream.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from lmzoo.data.prepare import SPLITS, load_meta
 from lmzoo.errors import ConfigError, DataError, suggest
 
-MODES = ("random", "sequential")
+MODES = ("random", "sequential", "stream")
 
 
 class TokenLoader:
@@ -90,6 +94,16 @@ class TokenLoader:
         if self.mode == "random":
             rng = np.random.default_rng((self.seed, self.rank, step))
             return rng.integers(0, self.num_tokens - self.block_size, size=self.batch_size)
+        if self.mode == "stream":
+            lanes = self.batch_size * self.world_size
+            per_lane = self.num_windows // lanes
+            if per_lane == 0:
+                raise DataError(
+                    f"stream mode needs a window of {self.block_size} tokens per row: {self.num_windows} windows "
+                    f"in the {self.split} split < {lanes} rows; use a smaller batch_size or block_size"
+                )
+            lane = self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+            return (lane * per_lane + step % per_lane) * self.block_size
         first = (step * self.world_size + self.rank) * self.batch_size
         windows = (first + np.arange(self.batch_size, dtype=np.int64)) % self.num_windows
         return windows * self.block_size

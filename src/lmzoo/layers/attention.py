@@ -42,7 +42,8 @@ def reference_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """The textbook formula. q (B, nh, T, hd), k/v (B, nh, S, hd), mask bool (.., T, S), True = attend."""
+    """The textbook formula. q (B, nh, T, hd), k/v (B, nh, S, hd), mask (.., T, S): bool (True = attend)
+    or float (added to the scores, as SDPA's ``attn_mask``; e.g. ALiBi's biases)."""
     T, S = q.shape[-2], k.shape[-2]
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
     if is_causal:
@@ -50,7 +51,7 @@ def reference_attention(
         causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         att = att.masked_fill(~causal, float("-inf"))
     if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
+        att = att.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else att + mask
     att = F.softmax(att.float(), dim=-1).to(q.dtype)
     if dropout_p > 0:
         att = F.dropout(att, p=dropout_p)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kan import KANFeedForward, kan_hidden  # noqa: F401 - kan_hidden: the default width of mlp="kan"
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = True, activation: str = "gelu", dropout: float = 0.0):
@@ -45,9 +47,11 @@ def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
 
 
 def make_mlp(kind: str, dim: int, hidden: int, bias: bool, dropout: float) -> nn.Module:
-    """Build the feed-forward layer a config names: ``gelu``, ``gelu_tanh`` or ``swiglu``."""
+    """Build the feed-forward layer a config names: ``gelu``, ``gelu_tanh``, ``swiglu`` or ``kan``."""
     if kind in ("gelu", "gelu_tanh"):
         return MLP(dim, hidden, bias=bias, activation=kind, dropout=dropout)
     if kind == "swiglu":
         return SwiGLU(dim, hidden, bias=bias, dropout=dropout)
+    if kind == "kan":  # Kolmogorov-Arnold feed-forward (layers/kan.py); no biases: the splines shift
+        return KANFeedForward(dim, hidden, dropout=dropout)
     raise ValueError(f"unknown mlp {kind!r}")

@@ -72,7 +72,9 @@ class MoE(nn.Module):
 
     x (..., dim) -> y (..., dim). Each expert is the dense MLP ``expert`` names (``swiglu`` as in
     Mixtral, or ``gelu``/``gelu_tanh`` as in GPT-2), so a checkpoint's per-expert weights map 1:1
-    onto ``experts.{e}``. The router has no bias (Mixtral's ``gate``).
+    onto ``experts.{e}``. The router has no bias (Mixtral's ``gate``). ``renormalize=False`` weights
+    the k experts by their probabilities under the softmax over all E logits, not renormalized
+    (Jamba; Switch with k = 1), instead of a softmax over the k selected logits (Mixtral).
     """
 
     def __init__(
@@ -84,11 +86,13 @@ class MoE(nn.Module):
         expert: str = "swiglu",
         bias: bool = False,
         dropout: float = 0.0,
+        renormalize: bool = True,
     ):
         super().__init__()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k must be in 1..n_experts ({n_experts}), got {top_k}")
         self.n_experts, self.top_k = n_experts, top_k
+        self.renormalize = renormalize
         self.router = nn.Linear(dim, n_experts, bias=False)
         self.experts = nn.ModuleList(make_mlp(expert, dim, hidden, bias, dropout) for _ in range(n_experts))
 
@@ -105,8 +109,11 @@ class MoE(nn.Module):
 
         logits = self.router(x)  # (N, E)
         top_logits, top_idx = logits.topk(k, dim=-1)  # (N, k)
-        # softmax over the k selected logits = the full softmax renormalized over them (Mixtral)
-        gates = F.softmax(top_logits.float(), dim=-1)  # (N, k), float32 like transformers
+        if self.renormalize:
+            # softmax over the k selected logits = the full softmax renormalized over them (Mixtral)
+            gates = F.softmax(top_logits.float(), dim=-1)  # (N, k), float32 like transformers
+        else:  # the full softmax's probabilities of the k experts (Jamba): they sum to less than 1
+            gates = F.softmax(logits.float(), dim=-1).gather(-1, top_idx)
 
         # Group the N*k assignments by expert: assignment a = token a // k, slot a % k.
         flat = top_idx.reshape(-1)  # (N*k,) expert of each assignment

@@ -10,13 +10,22 @@ from typing import Any
 
 from ..config import Config
 from ..errors import ConfigError, suggest
-from . import gpt2, llama
+from . import gpt2, jamba, llama, mamba, transformer_xl
 from .base import LanguageModel, LMOutput
 
 # family name -> model class (which carries ``config_class``); presets name -> (family, settings)
-FAMILIES: dict[str, type[LanguageModel]] = {"gpt2": gpt2.GPT, "llama": llama.Llama}
+FAMILIES: dict[str, type[LanguageModel]] = {
+    "gpt2": gpt2.GPT,
+    "llama": llama.Llama,
+    "transformer-xl": transformer_xl.TransformerXL,
+    "mamba": mamba.Mamba,
+    "jamba": jamba.Jamba,
+}
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {name: ("gpt2", d) for name, d in gpt2.PRESETS.items()}
 PRESETS.update({name: ("llama", d) for name, d in llama.PRESETS.items()})
+PRESETS.update({name: ("transformer-xl", d) for name, d in transformer_xl.PRESETS.items()})
+PRESETS.update({name: ("mamba", d) for name, d in mamba.PRESETS.items()})
+PRESETS.update({name: ("jamba", d) for name, d in jamba.PRESETS.items()})
 
 
 def family_class(name: str) -> type[LanguageModel]:

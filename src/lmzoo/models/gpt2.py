@@ -11,6 +11,12 @@ GPT-2 is a stack of pre-norm residual blocks over token + learned position embed
 The same file builds the "improved GPT-2" by config alone: rotary positions instead of a
 learned table (``pos_emb="rope"``), grouped-query attention (``n_kv_head < n_head``), no biases,
 and optionally RMSNorm and SwiGLU. Nothing branches on a model's name.
+
+Answers to long contexts and large caches, also config fields (docs/ for each):
+- ``pos_emb="alibi"``: linear attention biases instead of positions (Press et al. 2022);
+- ``attention="linear"``: kernelized attention, an RNN at decoding time (Katharopoulos et al. 2020);
+- ``attention="infini"``: local attention plus a compressive memory per layer (Munkhdalai et al. 2024);
+- ``kv_share_every=s``: s adjacent layers share one set of keys/values (Brandon et al. 2024).
 """
 
 from __future__ import annotations
@@ -25,8 +31,12 @@ from torch import nn
 from ..cache import KVCache
 from ..config import Config
 from ..errors import ConfigError
+from ..layers.alibi import alibi_bias, alibi_slopes
 from ..layers.attention import CausalSelfAttention
-from ..layers.mlp import make_mlp, swiglu_hidden
+from ..layers.cross_layer_attention import CrossLayerAttention, kv_groups
+from ..layers.infini_attention import InfiniAttention, InfiniCache
+from ..layers.linear_attention import LinearAttentionState, LinearSelfAttention
+from ..layers.mlp import kan_hidden, make_mlp, swiglu_hidden
 from ..layers.moe import MoE, add_router_losses, combine_router_stats
 from ..layers.norm import make_norm
 from ..layers.rope import RotaryEmbedding
@@ -41,11 +51,11 @@ class GPTConfig(Config):
     n_head: int = 12
     n_kv_head: int | None = None  # None = n_head (multi-head); fewer = grouped-query attention
     n_embd: int = 768
-    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
-    mlp_hidden: int | None = None  # None = 4 * n_embd (GELU) or Llama's 8/3 rule (SwiGLU)
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "kan"] = "gelu_tanh"  # kan: layers/kan.py (Liu et al. 2024)
+    mlp_hidden: int | None = None  # None = 4 * n_embd (GELU), Llama's 8/3 rule (SwiGLU), GELU's params (KAN)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    pos_emb: Literal["learned", "rope"] = "learned"
+    pos_emb: Literal["learned", "rope", "alibi", "none"] = "learned"  # "none": no positions (NoPE)
     rope_theta: float = 10000.0
     bias: bool = True
     dropout: float = 0.0
@@ -58,6 +68,17 @@ class GPTConfig(Config):
     n_experts_per_tok: int = 2
     moe_aux_weight: float = 0.01  # Switch Transformer's alpha
     moe_z_weight: float = 0.0  # ST-MoE uses 0.001
+    # Attention kind: "softmax" (the usual), "linear" (layers/linear_attention.py; constant-size decoding
+    # state) or "infini" (layers/infini_attention.py: softmax inside segments + compressive memory)
+    attention: Literal["softmax", "linear", "infini"] = "softmax"
+    linear_feature_map: Literal["elu", "relu", "softplus"] = "elu"  # phi; the paper's is elu + 1
+    linear_chunk: int = 64  # tokens per chunk of the parallel form (memory O(T * chunk))
+    infini_segment: int = 64  # segment length of Infini-attention
+    infini_delta_rule: bool = False  # delta-rule memory update instead of the plain additive one
+    infini_gate_init: float = 0.0  # initial beta: the memory's share of the output is sigmoid(beta)
+    # Cross-layer KV sharing (layers/cross_layer_attention.py): runs of this many adjacent layers share
+    # the keys/values of the run's first layer; the KV cache shrinks by this factor (1: no sharing)
+    kv_share_every: int = 1
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -85,6 +106,14 @@ class GPTConfig(Config):
             raise ConfigError(
                 f"n_experts_per_tok must be in 1..{self.n_experts}, got {self.n_experts_per_tok}"
             )
+        if self.linear_chunk <= 0 or self.infini_segment <= 0 or self.kv_share_every <= 0:
+            raise ConfigError("linear_chunk, infini_segment and kv_share_every must be positive")
+        if self.attention != "softmax" and self.pos_emb == "alibi":
+            raise ConfigError(f"pos_emb=alibi biases softmax scores; attention={self.attention} has none")
+        if self.attention == "linear" and self.pos_emb == "rope":
+            raise ConfigError("attention=linear takes pos_emb learned or none (RoPE would break phi's positivity)")
+        if self.attention != "softmax" and self.kv_share_every > 1:
+            raise ConfigError(f"kv_share_every shares a KV cache; attention={self.attention} has none")
 
     @property
     def head_dim(self) -> int:
@@ -94,6 +123,8 @@ class GPTConfig(Config):
     def hidden(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
+        if self.mlp == "kan":
+            return kan_hidden(self.n_embd)  # the width at which the KAN has the GELU MLP's parameters
         return swiglu_hidden(self.n_embd) if self.mlp == "swiglu" else 4 * self.n_embd
 
 
@@ -122,12 +153,27 @@ PRESETS: dict[str, dict] = {
 class Block(nn.Module):
     """Pre-norm residual block: attention then MLP, each on a normalized copy of the stream."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
-        self.attn = CausalSelfAttention(
-            cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.bias, cfg.dropout, cfg.attn_backend
-        )
+        args = (cfg.n_embd, cfg.n_head, cfg.n_kv_head)
+        self.shares_kv = cfg.kv_share_every > 1
+        if cfg.attention == "linear":
+            self.attn = LinearSelfAttention(
+                *args, cfg.bias, cfg.dropout, cfg.linear_feature_map, cfg.linear_chunk
+            )
+        elif cfg.attention == "infini":
+            self.attn = InfiniAttention(
+                *args, cfg.bias, cfg.dropout, cfg.attn_backend, segment=cfg.infini_segment,
+                delta_rule=cfg.infini_delta_rule, gate_init=cfg.infini_gate_init,
+            )
+        elif self.shares_kv:  # the first layer of each run of kv_share_every makes the keys/values
+            makes_kv = layer % cfg.kv_share_every == 0
+            self.attn = CrossLayerAttention(
+                *args, makes_kv, cfg.kv_share_every, cfg.bias, cfg.dropout, cfg.attn_backend
+            )
+        else:
+            self.attn = CausalSelfAttention(*args, cfg.bias, cfg.dropout, cfg.attn_backend)
         self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
         self.moe = cfg.n_experts > 0
         if self.moe:
@@ -137,14 +183,19 @@ class Block(nn.Module):
         else:
             self.mlp = make_mlp(cfg.mlp, cfg.n_embd, cfg.hidden, cfg.bias, cfg.dropout)
 
-    def forward(self, x, rope=None, mask=None, is_causal=True, cache=None, layer=0):
-        """x (B, T, C) -> (B, T, C), and the router's statistics (RouterStats) in an MoE block, else None."""
-        x = x + self.attn(self.ln_1(x), rope, mask, is_causal, cache, layer)
+    def forward(self, x, rope=None, mask=None, is_causal=True, cache=None, layer=0, kv=None):
+        """x (B, T, C) -> (B, T, C), the router's statistics (RouterStats) in an MoE block (else None),
+        and with cross-layer KV sharing the keys/values of this layer's group (else None)."""
+        if self.shares_kv:
+            a, kv = self.attn(self.ln_1(x), rope, mask, is_causal, cache, layer, kv)
+        else:
+            a = self.attn(self.ln_1(x), rope, mask, is_causal, cache, layer)
+        x = x + a
         if self.moe:
             h, stats = self.mlp(self.ln_2(x))
         else:
             h, stats = self.mlp(self.ln_2(x)), None
-        return x + h, stats
+        return x + h, stats, kv
 
 
 class GPT(LanguageModel):
@@ -157,8 +208,10 @@ class GPT(LanguageModel):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.pos_emb == "rope" else None
+        # ALiBi's head slopes (n_head,): fixed, not learned, not saved
+        self.register_buffer("alibi", alibi_slopes(cfg.n_head) if cfg.pos_emb == "alibi" else None, persistent=False)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -213,9 +266,11 @@ class GPT(LanguageModel):
         x = self.drop(x)
         rope = self.rope(pos, end) if self.rope is not None else None  # cos, sin: (T or B,T, hd)
         mask, is_causal = cache.mask(T) if cache is not None else (None, True)
-        stats = []
+        if self.alibi is not None:  # the distance penalty joins the causal/padding mask as a float bias
+            mask, is_causal = alibi_bias(self.alibi, T, end, mask, is_causal, x.dtype), False
+        stats, kv = [], None  # kv: the current group's keys/values under cross-layer KV sharing
         for i, block in enumerate(self.blocks):
-            x, s = block(x, rope, mask, is_causal, cache, i)
+            x, s, kv = block(x, rope, mask, is_causal, cache, i, kv)
             if s is not None:
                 stats.append(s)
         if cache is not None:
@@ -231,22 +286,36 @@ class GPT(LanguageModel):
             return LMOutput(logits, loss, aux)
         return LMOutput(self.lm_head(x[:, -1:] if last_only else x), None, aux)
 
-    def init_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None) -> KVCache:
-        """A preallocated KV cache for ``batch`` rows of up to ``max_len`` tokens (default block_size)."""
+    def init_cache(
+        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None
+    ) -> KVCache | LinearAttentionState | InfiniCache:
+        """Decoding state for ``batch`` rows of up to ``max_len`` tokens (default block_size).
+
+        A preallocated KV cache (one entry per K/V group with ``kv_share_every``); for linear
+        attention the recurrent state (S, z), and for Infini-attention the memory plus one segment:
+        both of a fixed size, ``max_len`` does not apply.
+        """
         cfg = self.config
+        dtype, device = dtype or self.dtype, device or self.device
+        if cfg.attention == "linear":
+            return LinearAttentionState(cfg.n_layer, batch, cfg.n_kv_head, cfg.head_dim, device=device, pad=pad)
+        if cfg.attention == "infini":
+            return InfiniCache(
+                cfg.n_layer, batch, cfg.n_kv_head, cfg.head_dim, cfg.infini_segment, dtype, device, pad
+            )
         return KVCache(
-            cfg.n_layer,
+            kv_groups(cfg.n_layer, cfg.kv_share_every),
             batch,
             cfg.n_kv_head,
             cfg.head_dim,
             max_len or cfg.block_size,
-            dtype=dtype or self.dtype,
-            device=device or self.device,
+            dtype=dtype,
+            device=device,
             pad=pad,
         )
 
     def max_positions(self) -> int | None:
-        """Longest sequence the position encoding allows (None: unbounded, e.g. RoPE)."""
+        """Longest sequence the position encoding allows (None: unbounded, e.g. RoPE, ALiBi)."""
         return self.config.block_size if self.wpe is not None else None
 
     def crop_block_size(self, block_size: int) -> None:
@@ -264,7 +333,13 @@ class GPT(LanguageModel):
         6 * N for the matmuls with the weights (2 forward, 4 backward; N without the position
         table, the tied head counted once as it is used once) plus 12 * L * d * T for the
         attention scores and weighted sum, where d = n_head * head_dim and T the context.
+        Linear attention scores only inside a chunk and carries a (head_dim x head_dim) state per
+        head; Infini-attention scores inside a segment and reads a memory of that size.
         """
         cfg = self.config
         T = seq_len or cfg.block_size
+        if cfg.attention == "linear":
+            T = min(T, cfg.linear_chunk) + cfg.head_dim
+        elif cfg.attention == "infini":
+            T = min(T, cfg.infini_segment) + cfg.head_dim
         return 6 * self.active_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T

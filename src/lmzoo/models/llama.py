@@ -37,6 +37,7 @@ from ..cache import KVCache, RollingKVCache
 from ..config import Config
 from ..errors import ConfigError
 from ..layers.attention import CausalSelfAttention, layer_windows, window_mask
+from ..layers.infini_attention import InfiniAttention, InfiniCache
 from ..layers.mlp import SwiGLU, swiglu_hidden
 from ..layers.moe import MoE, RouterStats, add_router_losses, combine_router_stats
 from ..layers.norm import RMSNorm
@@ -70,6 +71,12 @@ class LlamaConfig(Config):
     n_experts_per_tok: int = 2  # top-k routing
     moe_aux_weight: float = 0.02  # weight of the load-balancing loss (Mixtral's router_aux_loss_coef)
     moe_z_weight: float = 0.0  # weight of the router z-loss (ST-MoE uses 0.001)
+    # "infini": softmax attention inside segments + a compressive memory across them (layers/infini_attention.py;
+    # lmzoo.convert.infini.to_infini turns a pretrained model into one)
+    attention: Literal["softmax", "infini"] = "softmax"
+    infini_segment: int = 2048
+    infini_delta_rule: bool = False
+    infini_gate_init: float = 0.0  # initial beta: the memory's share of the output is sigmoid(beta)
     tie_embeddings: bool = False
     dropout: float = 0.0  # Llama trains without dropout; here for small-data experiments
     attn_backend: Literal["sdpa", "reference"] = "sdpa"
@@ -87,8 +94,10 @@ class LlamaConfig(Config):
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_dim"
             )
-        if (self.head_dim is not None and self.head_dim <= 0) or self.attn_head_dim % 2:
-            raise ConfigError(f"RoPE needs a positive even head dimension, got {self.attn_head_dim}")
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // self.n_head
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ConfigError(f"RoPE needs a positive even head dimension, got {self.head_dim}")
         if self.mlp_hidden is not None and self.mlp_hidden <= 0:
             raise ConfigError(f"mlp_hidden must be positive, got {self.mlp_hidden}")
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
@@ -109,10 +118,10 @@ class LlamaConfig(Config):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def attn_head_dim(self) -> int:
-        return self.head_dim or self.n_embd // self.n_head
+        if self.infini_segment <= 0:
+            raise ConfigError(f"infini_segment must be positive, got {self.infini_segment}")
+        if self.attention == "infini" and self.sliding_window is not None:
+            raise ConfigError("attention=infini already attends locally (within segments): drop sliding_window")
 
     @property
     def hidden(self) -> int:
@@ -150,10 +159,17 @@ class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attn = CausalSelfAttention(
-            cfg.n_embd, cfg.n_head, cfg.n_kv_head, bias=False, dropout=cfg.dropout,
-            backend=cfg.attn_backend, head_dim=cfg.attn_head_dim,
-        )
+        if cfg.attention == "infini":
+            self.attn = InfiniAttention(
+                cfg.n_embd, cfg.n_head, cfg.n_kv_head, bias=False, dropout=cfg.dropout, backend=cfg.attn_backend,
+                head_dim=cfg.head_dim, segment=cfg.infini_segment, delta_rule=cfg.infini_delta_rule,
+                gate_init=cfg.infini_gate_init,
+            )
+        else:
+            self.attn = CausalSelfAttention(
+                cfg.n_embd, cfg.n_head, cfg.n_kv_head, bias=False, dropout=cfg.dropout,
+                backend=cfg.attn_backend, head_dim=cfg.head_dim,
+            )
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.moe = cfg.n_experts > 0
         if self.moe:
@@ -185,7 +201,7 @@ class Llama(LanguageModel):
         self.windows = cfg.windows  # read once: the forward picks each layer's mask from it
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.rope = ScaledRotaryEmbedding(
-            cfg.attn_head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
+            cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
             cfg.rope_original_max or cfg.block_size, cfg.rope_beta_fast, cfg.rope_beta_slow,
             cfg.rope_attention_factor,
         )
@@ -267,7 +283,7 @@ class Llama(LanguageModel):
         device=None,
         pad=None,
         rolling: bool | None = None,
-    ) -> KVCache | RollingKVCache:
+    ) -> KVCache | RollingKVCache | InfiniCache:
         """Decoding state for ``batch`` rows of up to ``max_len`` tokens (default block_size).
 
         ``rolling`` None picks a :class:`RollingKVCache` when some layer has a sliding window:
@@ -276,8 +292,10 @@ class Llama(LanguageModel):
         """
         cfg = self.config
         rolling = any(w is not None for w in self.windows) if rolling is None else rolling
-        args = (batch, cfg.n_kv_head, cfg.attn_head_dim, max_len or cfg.block_size)
+        args = (batch, cfg.n_kv_head, cfg.head_dim, max_len or cfg.block_size)
         kw = dict(dtype=dtype or self.dtype, device=device or self.device, pad=pad)
+        if cfg.attention == "infini":  # memory + one segment: a fixed size, max_len does not apply
+            return InfiniCache(cfg.n_layer, batch, cfg.n_kv_head, cfg.head_dim, cfg.infini_segment, **kw)
         if rolling:
             return RollingKVCache(self.windows, *args, **kw)
         return KVCache(cfg.n_layer, *args, **kw)
@@ -294,6 +312,8 @@ class Llama(LanguageModel):
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        d = cfg.n_head * cfg.attn_head_dim
+        d = cfg.n_head * cfg.head_dim
+        if cfg.attention == "infini":  # scores inside a segment, a (head_dim x head_dim) memory read
+            T = min(T, cfg.infini_segment) + cfg.head_dim
         attn = sum(12 * d * (min(T, w) if w else T) for w in self.windows)
         return 6 * self.active_params() + attn

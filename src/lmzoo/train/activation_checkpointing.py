@@ -75,3 +75,30 @@ def remove_activation_checkpointing(model: nn.Module) -> None:
         if getattr(block, "_lmzoo_checkpointed", False):
             del block.forward
             del block._lmzoo_checkpointed
+
+
+def peak_memory_bytes(fn, device: torch.device | str = "cpu") -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what was allocated before it.
+
+    CUDA: the caching allocator's own peak counter. CPU (no allocator statistics there; tracemalloc
+    does not see torch's allocations): the profiler's per-operator memory records, replayed in time
+    order; the running sum's maximum is the peak at operator granularity.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak

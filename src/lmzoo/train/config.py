@@ -45,6 +45,9 @@ class TrainConfig(Config):
     batch_ramp_steps: int = 0  # grow micro-batches per step linearly over this many steps (0: off)
     batch_ramp_start: int = 1  # micro-batches per step at step 0 of the ramp
     max_steps: int = 2000
+    # segment-level recurrence (Transformer-XL, docs/transformer-xl.md): each row reads a continuous stream
+    # (loader mode "stream") and the model's cache (its memory) carries from batch to batch, no gradient
+    recurrence: bool = False
     max_time_s: float = 0.0  # wall-clock budget incl. the final evaluation (0: none)
     # optimizer and schedule
     lr: float = 1e-3

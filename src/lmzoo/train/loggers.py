@@ -88,7 +88,7 @@ class WandbLogger:
         self.run.log({f"{kind}/{k}": v for k, v in _scalars(values).items()}, step=step)
 
     def close(self) -> None:
-        self.run.finish(quiet=True)
+        self.run.finish()
 
 
 class Loggers:

@@ -64,7 +64,7 @@ def is_norm(module: nn.Module) -> bool:
 def _fp32_forward(orig):
     def forward(self, x, *args, **kwargs):
         with torch.autocast(x.device.type, enabled=False):
-            y = orig(x.float(), *args, **kwargs)
+            y = orig(self, x.float(), *args, **kwargs)
         return y.to(x.dtype)
 
     return forward

@@ -66,9 +66,9 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.run_name = cfg.run_name or self.out_dir.resolve().name
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.grad_accum = accumulation_steps(cfg.global_batch, cfg.batch_size, world) if cfg.global_batch else (
-            cfg.grad_accum
-        )
+        self.grad_accum = cfg.grad_accum
+        if cfg.global_batch:
+            self.grad_accum = accumulation_steps(cfg.global_batch, cfg.batch_size, world)
 
         if model is None:  # check the model settings before any (possibly long) data preparation
             preset_config(cfg.model, **cfg.model_args)
@@ -76,7 +76,9 @@ class Trainer:
         self.data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
         if not (self.data_dir / "meta.json").is_file():
             print(f"preparing {cfg.source!r} with the {cfg.tokenizer} tokenizer into {self.data_dir}")
-            prepare(cfg.source, self.data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, input=cfg.input)
+            prepare(
+                cfg.source, self.data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, input=cfg.input
+            )
         self.meta = load_meta(self.data_dir)
         self.tokenizer = tokenizer or load_tokenizer(self.data_dir / "tokenizer")
 
@@ -91,21 +93,27 @@ class Trainer:
         mcfg = self.model.config
         if getattr(mcfg, "vocab_size", self.meta["vocab_size"]) < self.meta["vocab_size"]:
             raise ConfigError(
-                f"the model's vocab_size {mcfg.vocab_size} is smaller than the data's {self.meta['vocab_size']}"
+                f"the model's vocab_size {mcfg.vocab_size} is smaller than the data's "
+                f"{self.meta['vocab_size']}"
             )
         self.block_size = cfg.block_size or mcfg.block_size
         if self.block_size > mcfg.block_size and getattr(self.model, "wpe", None) is not None:
             raise ConfigError(f"block_size {self.block_size} exceeds the model's {mcfg.block_size}")
         try:
+            mode = "stream" if cfg.recurrence else "random"
             self.train_loader = TokenLoader(
-                self.data_dir, "train", self.block_size, cfg.batch_size, seed=cfg.seed, device=self.device
+                self.data_dir, "train", self.block_size, cfg.batch_size, seed=cfg.seed, device=self.device, mode=mode
             )
             self.val_loader = TokenLoader(
-                self.data_dir, "val", self.block_size, cfg.batch_size, seed=cfg.seed + 1, device=self.device
+                self.data_dir, "val", self.block_size, cfg.batch_size, seed=cfg.seed + 1, device=self.device,
+                mode=mode,
             )
         except DataError as e:
             raise DataError(f"{e} (block_size {self.block_size} is larger than the data allows)") from None
         self._val_start = self.val_loader.state_dict()
+        # recurrence: the training memory (the model's cache, bounded: e.g. Transformer-XL's mem_len);
+        # not checkpointed, a resumed run starts with an empty one
+        self.memory = self.model.init_cache(cfg.batch_size) if cfg.recurrence else None
 
         # -- precision, activation checkpointing, optimizer, compilation ----------------------
         if self.dtype != torch.float32 or self.param_dtype != torch.float32:
@@ -181,10 +189,11 @@ class Trainer:
         return self.out_dir / name
 
     def _save_best(self) -> None:
-        self._guarded_write(
-            "the best checkpoint",
-            lambda: ckpt.write_checkpoint(self.model, self.out_dir / "best", self.tokenizer, extra={"step": self.step}),
-        )
+        def write() -> None:
+            extra = {"step": self.step}
+            ckpt.write_checkpoint(self.model, self.out_dir / "best", self.tokenizer, extra=extra)
+
+        self._guarded_write("the best checkpoint", write)
 
     def _resume(self) -> None:
         try:
@@ -223,11 +232,12 @@ class Trainer:
         """Mean val loss over the same ``eval_iters`` batches every time (low-noise comparison)."""
         self.model.eval()
         self.val_loader.load_state_dict(self._val_start)
+        memory = self.model.init_cache(self.cfg.batch_size) if self.cfg.recurrence else None  # fresh each time
         losses = []
         for _ in range(iters or self.cfg.eval_iters):
             x, y = self.val_loader.next_batch()
             with self.autocast:
-                losses.append(self.model(x, y).loss.float().item())
+                losses.append(self.model(x, y, cache=memory).loss.float().item())
         self.model.train()
         return sum(losses) / len(losses)
 
@@ -244,15 +254,18 @@ class Trainer:
         cfg = self.cfg
         time_frac = self.elapsed() / cfg.max_time_s if cfg.schedule_unit == "time" else None
         return lr_at(
-            self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps, total=cfg.decay_steps or cfg.max_steps,
-            schedule=cfg.schedule, decay_frac=cfg.wsd_decay_frac, time_frac=time_frac,
+            self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
+            total=cfg.decay_steps or cfg.max_steps, schedule=cfg.schedule, decay_frac=cfg.wsd_decay_frac,
+            time_frac=time_frac,
         )
 
     def _open_loggers(self) -> Loggers:
         cfg = self.cfg
         settings = cfg.to_dict()
         tb = TensorBoardLogger(self.out_dir / "tb", settings) if cfg.tensorboard else None
-        wb = WandbLogger(self.out_dir, cfg.wandb_project, self.run_name, cfg.wandb_mode, settings) if cfg.wandb else None
+        wb = None
+        if cfg.wandb:
+            wb = WandbLogger(self.out_dir, cfg.wandb_project, self.run_name, cfg.wandb_mode, settings)
         return Loggers(MetricsLogger(self.out_dir / "metrics.jsonl"), tb, wb)
 
     def _profiler(self):
@@ -279,7 +292,8 @@ class Trainer:
         log.log(
             "event", self.step, event="start", run_name=self.run_name, params=self.model.num_params(),
             non_embedding_params=self.model.num_params(non_embedding=True), device=str(self.device),
-            device_name=self.device_name, dtype=str(self.dtype).replace("torch.", ""), param_dtype=cfg.param_dtype,
+            device_name=self.device_name, dtype=str(self.dtype).replace("torch.", ""),
+            param_dtype=cfg.param_dtype,
             flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, block_size=self.block_size,
             batch_size=cfg.batch_size, grad_accum=self.grad_accum, threads=torch.get_num_threads(),
         )
@@ -312,7 +326,7 @@ class Trainer:
                     for _ in range(accum):
                         x, y = self.train_loader.next_batch()
                         with self.autocast:
-                            out = self.step_fn(x, y)
+                            out = self.step_fn(x, y, cache=self.memory)
                             loss = out.loss / accum
                         self.scaler.scale(loss).backward()
                         loss_sum += loss.detach()
@@ -359,7 +373,9 @@ class Trainer:
                         t_eval = time.time()
                         val_loss = self.evaluate()
                         last_eval_s = time.time() - t_eval
-                        log.log("eval", self.step, val_loss=val_loss, tokens=self.tokens_seen, eval_s=last_eval_s)
+                        log.log(
+                            "eval", self.step, val_loss=val_loss, tokens=self.tokens_seen, eval_s=last_eval_s
+                        )
                         if bar is not None:
                             bar.write(f"step {self.step}: val loss {val_loss:.4f}")
                         if val_loss < self.best_val:
@@ -404,7 +420,8 @@ class Trainer:
             "stop_reason": stop_reason,
             "nonfinite_steps": self.nonfinite_total,
         }
-        log.log("event", self.step, event="end", **{k: v for k, v in summary.items() if k not in ("out_dir", "step")})
+        end = {k: v for k, v in summary.items() if k not in ("out_dir", "step")}
+        log.log("event", self.step, event="end", **end)
         log.close()
         return summary
 
@@ -432,7 +449,8 @@ class Trainer:
         if self.nonfinite_in_row >= self.cfg.max_nonfinite:
             raise LmzooError(
                 f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step} "
-                f"(loss {loss_val}, grad norm {norm_val}): lower lr, or use bfloat16/float32 instead of float16"
+                f"(loss {loss_val}, grad norm {norm_val}): lower lr, or use bfloat16/float32 instead of "
+                "float16"
             )
 
 

@@ -1,0 +1,200 @@
+"""Mamba (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces").
+
+Read top to bottom: config and presets, then the block, then the model. The layer that makes
+Mamba Mamba, the selective state-space model, is in :mod:`lmzoo.layers.ssm` (docs/mamba.md).
+
+A Mamba language model is a stack of identical pre-norm residual blocks, each a single mixer
+(no separate MLP: the mixer's gated expansion plays that role, so a Mamba block has about the
+parameters of half a Transformer block and the papers' models use twice the layers):
+
+    x = wte[idx]                                  no positions: the recurrence knows the order
+    for each block:  x = x + mixer(rmsnorm(x))    in_proj -> conv1d -> SiLU -> selective SSM, gated
+    logits = rmsnorm(x) @ wte^T                   the head shares the embedding (as the checkpoints)
+
+Training cost is linear in the sequence length (a scan, not attention), and decoding keeps a
+fixed-size state per layer (:class:`~lmzoo.cache.MambaCache`): the cost of a new token does not
+grow with the text before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..cache import MambaCache
+from ..config import Config
+from ..errors import ConfigError
+from ..layers.norm import RMSNorm
+from ..layers.ssm import SelectiveSSM
+from .base import LanguageModel, LMOutput, lm_loss
+
+
+@dataclasses.dataclass
+class MambaConfig(Config):
+    vocab_size: int = 50280  # GPT-NeoX's 50277 tokens padded to a multiple of 8, as in the checkpoints
+    block_size: int = 2048  # context trained on; the model itself has no limit
+    n_layer: int = 24
+    n_embd: int = 768  # d_model
+    d_state: int = 16  # N: state size per channel
+    d_conv: int = 4  # width of the causal depthwise convolution
+    expand: int = 2  # d_inner = expand * n_embd
+    dt_rank: int | None = None  # rank of the Δ projection; None = ceil(n_embd / 16)
+    conv_bias: bool = True
+    bias: bool = False  # biases of in_proj / out_proj
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    scan: Literal["chunked", "sequential"] = "chunked"  # the training scan (layers/ssm.py)
+    scan_chunk: int = 16  # tokens scanned one by one inside a chunk, all chunks at once
+    scan_segment: int = 256  # tokens per recomputed segment: bounds the scan's working memory
+    init_std: float = 0.02  # the embedding's init
+    dt_min: float = 0.001  # initial time scales Δ are log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "d_state", "d_conv", "expand",
+                     "scan_chunk", "scan_segment"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dt_rank is not None and self.dt_rank <= 0:
+            raise ConfigError(f"dt_rank must be positive, got {self.dt_rank}")
+        if self.scan_segment % self.scan_chunk:
+            raise ConfigError(
+                f"scan_segment ({self.scan_segment}) must be a multiple of scan_chunk ({self.scan_chunk})"
+            )
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ConfigError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ConfigError("norm_eps and init_std must be positive")
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.n_embd
+
+
+# The paper's Table 12 sizes (the released state-spaces/mamba-* checkpoints); counts with the
+# tied embedding counted once: 130m = 129,135,360 parameters.
+PRESETS: dict[str, dict] = {
+    "mamba-130m": dict(n_layer=24, n_embd=768),
+    "mamba-370m": dict(n_layer=48, n_embd=1024),
+    "mamba-790m": dict(n_layer=48, n_embd=1536),
+    "mamba-1.4b": dict(n_layer=48, n_embd=2048),
+    "mamba-2.8b": dict(n_layer=64, n_embd=2560),
+    # about gpt2-char-cpu's parameters: twice its layers, since a Mamba block is half a Transformer block
+    "mamba-char-cpu": dict(n_layer=8, n_embd=128, block_size=64, vocab_size=65),
+    "mamba-debug": dict(
+        n_layer=2, n_embd=32, d_state=8, block_size=32, vocab_size=97, scan_chunk=4, scan_segment=8
+    ),
+}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one selective-SSM mixer."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mixer = SelectiveSSM(
+            cfg.n_embd, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank, cfg.conv_bias, cfg.bias,
+            scan=cfg.scan, chunk=cfg.scan_chunk, segment=cfg.scan_segment,
+        )
+
+    def forward(self, x: torch.Tensor, cache: MambaCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C)."""
+        return x + self.mixer(self.norm(x), cache, layer)
+
+
+class Mamba(LanguageModel):
+    family = "mamba"
+    config_class = MambaConfig
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Mamba's initialization (mamba_ssm's ``_init_weights`` and ``Mamba.__init__``).
+
+        | weight                                  | init                                        |
+        |-----------------------------------------|---------------------------------------------|
+        | embedding (and the tied head)           | normal(0, init_std=0.02)                    |
+        | in_proj, x_proj, conv1d                 | PyTorch's default (Kaiming uniform)         |
+        | out_proj                                | Kaiming uniform / sqrt(n_layer)             |
+        | dt_proj.weight                          | uniform(±dt_rank^-0.5)                      |
+        | dt_proj.bias                            | softplus^-1(Δ0), Δ0 log-uniform [dt_min, dt_max] |
+        | A_log, D                                | log(1..N) (A = -1..-N, S4D-real), 1         |
+        | other biases; norm weights              | 0; 1                                        |
+
+        Dividing out_proj by sqrt(n_layer) keeps the residual stream's variance from growing
+        with depth (GPT-2's scheme, one residual branch per block).
+        """
+        cfg = self.config
+        nn.init.normal_(self.wte.weight, mean=0.0, std=cfg.init_std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
+        for block in self.blocks:
+            mixer = block.mixer
+            for lin in (mixer.in_proj, mixer.x_proj, mixer.out_proj, mixer.conv1d):
+                lin.reset_parameters()
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            mixer.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+            mixer.reset_ssm_parameters(cfg.dt_min, cfg.dt_max)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: MambaCache | None = None,
+        last_only: bool = False,
+    ) -> LMOutput:
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean loss.
+
+        With a ``cache``, idx holds the next T tokens after those already seen (any T: a chunked
+        prefill runs the parallel scan from the cached state, a single token the recurrent step).
+        """
+        x = self.wte(idx)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(idx.shape[1])
+        x = self.norm_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            return LMOutput(logits, lm_loss(logits, targets))
+        return LMOutput(self.lm_head(x[:, -1:] if last_only else x))
+
+    def init_cache(
+        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None
+    ) -> MambaCache:
+        """The recurrent state for ``batch`` rows; ``max_len`` is accepted and unused (no history is kept)."""
+        cfg = self.config
+        return MambaCache(
+            cfg.n_layer, batch, cfg.d_inner, cfg.d_conv, cfg.d_state,
+            dtype=dtype or self.dtype, device=device or self.device, pad=pad,
+        )
+
+    def max_positions(self) -> int | None:
+        """None: a recurrence has no position table to run out of."""
+        return None
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 per parameter (matmuls, 2 forward + 4 backward) plus the scan.
+
+        The scan's elementwise work per token and layer is about 8 * d_inner * d_state forward
+        (discretize Ā and B̄x, update the state, read out C·h), times 3 with the backward. It does
+        not depend on ``seq_len``: a token's cost is the same at any context.
+        """
+        cfg = self.config
+        return 6 * self.num_params() + 24 * cfg.n_layer * cfg.d_inner * cfg.d_state

@@ -1,0 +1,317 @@
+"""Multi-token prediction (Gloeckle et al. 2024, "Better & Faster Large Language Models via Multi-token Prediction").
+
+A shared trunk f_s feeds n independent output heads f_h1..f_hn (each one Transformer layer) and
+a shared unembedding f_u; head i predicts token t + i from the tokens up to t:
+
+    P(x_{t+i} | x_{<=t}) = softmax(f_u(f_hi(f_s(x_{<=t})))),     L_n = - sum_t sum_{i=1..n} log P(x_{t+i} | x_{<=t}).
+
+Any lmzoo Transformer becomes one without a change to its file: :class:`MultiTokenLM` takes the
+model's first L - 1 blocks as the trunk and its last block (+ final norm + head) as head 1, the
+next-token head, so ``n_future=1`` *is* the ordinary model. Heads 2..n are copies of the last
+block and of the final norm (independent parameters, same initial values); the unembedding
+(``lm_head``) is shared by all heads, as in the paper.
+
+Memory-efficient backward (the paper's section 2): the n heads' logits (B, T, V) each would make
+peak memory n times that of the ordinary model. Instead the trunk output h is detached, and each
+head in turn runs forward and backward, accumulating dL/dh and its own parameter gradients before
+the next head starts; then one backward pass through the trunk with the summed dL/dh. Here this
+runs inside an ``autograd.Function`` (:class:`_SequentialHeads`): its forward does the per-head
+passes and keeps the gradients, its backward multiplies them by the incoming gradient (the
+trainer's 1/grad_accum and loss scale) and hands dL/dh on to the trunk, so the shared trainer's
+``loss.backward()`` works unchanged.
+
+Self-speculative decoding (Stern et al. 2018 blockwise parallel decoding, as in the paper's
+section 3.2): head 1 gives the next token, heads 2..n draft the n - 1 after it; one forward pass over
+those n tokens verifies the drafts with head 1 and keeps the longest prefix that matches its
+greedy choices (plus head 1's next token), and the same pass already gives the next drafts.
+Greedy output is identical to ordinary greedy decoding.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .cache import KVCache, RollingKVCache
+from .decoding.common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
+from .errors import ConfigError
+from .models.base import LanguageModel, LMOutput, lm_loss
+
+_FINAL_NORMS = ("ln_f", "norm_f", "norm")  # the families' names for the norm before the unembedding
+
+
+class _TrunkDone(Exception):
+    """Raised by a hook to stop the base model's forward at its last block."""
+
+
+def _one_layer_like(cache: KVCache | RollingKVCache, layer: int) -> KVCache | RollingKVCache:
+    """An empty one-layer cache laid out like ``cache``'s layer ``layer`` (same rows, padding, window)."""
+    if isinstance(cache, KVCache):
+        _, B, nkv, max_len, hd = cache.k.shape
+        c = KVCache(1, B, nkv, hd, max_len, dtype=cache.k.dtype, device=cache.k.device, pad=cache.pad)
+    elif isinstance(cache, RollingKVCache):
+        B, nkv, _, hd = cache.k[layer].shape
+        c = RollingKVCache([cache.windows[layer]], B, nkv, hd, cache.max_len, dtype=cache.k[layer].dtype,
+                           device=cache.device, pad=cache.pad)
+    else:
+        raise ConfigError(f"multi-token prediction cannot extend a {type(cache).__name__}")
+    c.pos = cache.pos
+    return c
+
+
+class MTPCache:
+    """Decoding state of a :class:`MultiTokenLM`: the base model's cache (trunk and head 1) and a
+    one-layer cache per extra head. Setting ``pos`` rolls them all back together."""
+
+    def __init__(self, trunk: KVCache | RollingKVCache, heads: list[KVCache | RollingKVCache]):
+        self.trunk, self.heads = trunk, heads
+
+    @property
+    def pos(self) -> int:
+        return self.trunk.pos
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        for c in (self.trunk, *self.heads):
+            c.pos = value
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in (self.trunk, *self.heads))
+
+
+class MTPHead(nn.Module):
+    """An extra output head: one Transformer block and a final norm (the unembedding is shared)."""
+
+    def __init__(self, block: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.block, self.norm = block, norm
+
+
+class MultiTokenLM(LanguageModel):
+    """``base`` with ``n_future`` output heads (see the module docstring).
+
+    ``forward(idx, targets=None, cache=None, last_only=False) -> LMOutput``: logits are head 1's
+    (B, T, V); with targets (B, T) (targets[t] = idx[t + 1]) the loss is the sum over heads of the
+    mean cross-entropy of head i against the token i - 1 places further (``aux``: each head's
+    loss, ``lm_loss`` = head 1's, comparable with an ordinary model's loss).
+    ``memory_efficient``: the sequential per-head backward (identical gradients, less memory).
+    """
+
+    def __init__(self, base: LanguageModel, n_future: int = 4, memory_efficient: bool = True):
+        super().__init__()
+        if n_future < 1:
+            raise ConfigError(f"n_future must be >= 1, got {n_future}")
+        blocks = getattr(base, "blocks", None)
+        norm_name = next((n for n in _FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) < 2 or norm_name is None:
+            raise ConfigError(
+                f"{type(base).__name__}: multi-token prediction needs >= 2 `blocks`, a final norm "
+                f"({' or '.join(_FINAL_NORMS)}) and an `lm_head`"
+            )
+        if any(getattr(b, "moe", False) for b in blocks):
+            raise ConfigError("multi-token prediction over a mixture-of-experts model is not supported")
+        self.base, self.n_future, self.memory_efficient = base, n_future, memory_efficient
+        self.family, self.config = base.family, base.config
+        self._norm_name = norm_name
+        self.heads = nn.ModuleList(
+            MTPHead(copy.deepcopy(blocks[-1]), copy.deepcopy(getattr(base, norm_name))) for _ in range(n_future - 1)
+        )
+
+    # -- pieces --------------------------------------------------------------------------------
+    def head_modules(self, i: int) -> tuple[nn.Module, nn.Module]:
+        """(block, norm) of head i (0-based: 0 is the next-token head, the base model's own)."""
+        if i == 0:
+            return self.base.blocks[-1], getattr(self.base, self._norm_name)
+        return self.heads[i - 1].block, self.heads[i - 1].norm
+
+    def trunk(self, idx: torch.Tensor, cache: KVCache | RollingKVCache | None = None) -> tuple[torch.Tensor, dict]:
+        """Run the base model up to its last block: (h (B, T, C), the rest of the block's arguments by name:
+        rope, mask, ... as the model computed them for this chunk) for the heads."""
+        captured = {}
+
+        def stop(module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _TrunkDone
+
+        handle = self.base.blocks[-1].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.base(idx, cache=cache)
+        except _TrunkDone:
+            pass
+        finally:
+            handle.remove()
+        # the block's call by parameter name (x, rope, mask, is_causal, cache, layer, ... in the families)
+        block = self.base.blocks[-1]
+        call = inspect.signature(block.forward).bind(*captured["args"], **captured["kwargs"]).arguments
+        names = list(inspect.signature(block.forward).parameters)
+        if not {"cache", "layer"} <= set(names):
+            raise ConfigError(f"{type(self.base).__name__}: its blocks take no (cache, layer) arguments; "
+                              "multi-token prediction cannot run copies of them")
+        h = call.pop(names[0])
+        return h, dict(call)
+
+    def run_head(self, i: int, h: torch.Tensor, ctx: dict, cache: MTPCache | None = None) -> torch.Tensor:
+        """Head i on the trunk output h (B, T, C) -> logits (B, T, V) (writes the head's cache, if any)."""
+        block, norm = self.head_modules(i)
+        last = len(self.base.blocks) - 1
+        if cache is None:
+            c, layer = None, (last if i == 0 else 0)
+        elif i == 0:
+            c, layer = cache.trunk, last
+        else:
+            c, layer = cache.heads[i - 1], 0  # an extra head's block is layer 0 of its own cache
+        y = block(h, **{**ctx, "cache": c, "layer": layer})
+        return self.base.lm_head(norm(y[0] if isinstance(y, tuple) else y))
+
+    def head_logits(self, idx: torch.Tensor, cache: MTPCache | None = None) -> list[torch.Tensor]:
+        """Every head's logits: a list of n tensors (B, T, V); head i predicts the token i places ahead."""
+        h, ctx = self.trunk(idx, cache.trunk if cache is not None else None)
+        out = [self.run_head(i, h, ctx, cache) for i in range(self.n_future)]
+        if cache is not None:
+            for c in (cache.trunk, *cache.heads):  # the base model stopped before its own advance
+                c.advance(idx.shape[1])
+        return out
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters the heads use (last block, norms, extra heads, shared unembedding), once each."""
+        mods = [m for i in range(self.n_future) for m in self.head_modules(i)] + [self.base.lm_head]
+        seen, out = set(), []
+        for m in mods:
+            for p in m.parameters():
+                if id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    # -- the LanguageModel contract ----------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: MTPCache | None = None,
+        last_only: bool = False,
+    ) -> LMOutput:
+        if targets is None:
+            logits = self.head_logits(idx, cache)[0] if cache is not None else None
+            if logits is None:  # no cache: only head 1 is needed
+                h, ctx = self.trunk(idx)
+                logits = self.run_head(0, h, ctx)
+            return LMOutput(logits[:, -1:] if last_only else logits)
+        h, ctx = self.trunk(idx, cache.trunk if cache is not None else None)
+        # head i (0-based) predicts idx[t + i + 1] = targets[t + i]; the last i positions have no target
+        shifted = [torch.nn.functional.pad(targets[:, i:], (0, i), value=-1) for i in range(self.n_future)]
+        if self.memory_efficient and torch.is_grad_enabled() and cache is None:
+            total, losses, logits = _SequentialHeads.apply(h, self, ctx, shifted, *self.head_parameters())
+        else:
+            all_logits = [self.run_head(i, h, ctx, cache) for i in range(self.n_future)]
+            losses = torch.stack([lm_loss(lg, t) for lg, t in zip(all_logits, shifted)])
+            total, logits = losses.sum(), all_logits[0]
+            if cache is not None:
+                for c in (cache.trunk, *cache.heads):
+                    c.advance(idx.shape[1])
+        aux = {f"mtp_loss_{i + 1}": losses[i].detach() for i in range(self.n_future)}
+        aux["lm_loss"] = losses[0].detach()
+        return LMOutput(logits, total, aux)
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None) -> MTPCache:
+        """Full-length caches (they must roll back for self-speculative decoding)."""
+        trunk = rollback_cache(self.base, batch, max_len or self.config.block_size, pad)
+        layer = len(self.base.blocks) - 1
+        return MTPCache(trunk, [_one_layer_like(trunk, layer) for _ in range(self.n_future - 1)])
+
+    def max_positions(self) -> int | None:
+        return self.base.max_positions()
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """The base model's, plus each extra head's block and unembedding (6 N) and attention."""
+        base = self.base.flops_per_token(seq_len)
+        attn_per_layer = (base - 6 * self.base.active_params()) / len(self.base.blocks)
+        extra = sum(p.numel() for p in self.heads.parameters()) + self.base.lm_head.weight.numel() * (self.n_future - 1)
+        return base + 6 * extra + (self.n_future - 1) * attn_per_layer
+
+
+class _SequentialHeads(torch.autograd.Function):
+    """Sum of the heads' losses with the memory-efficient backward (one head's graph alive at a time).
+
+    forward(h, model, ctx, targets, *params) -> (total loss, per-head losses (n,), head-1 logits);
+    the gradients are computed in forward, head by head, and scaled in backward.
+    """
+
+    @staticmethod
+    def forward(fctx, h, model, ctx, targets, *params):
+        grad_h = torch.zeros_like(h)
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        losses, logits0 = [], None
+        with torch.enable_grad():
+            hd = h.detach().requires_grad_(True)
+            for i in range(model.n_future):
+                logits = model.run_head(i, hd, ctx)
+                loss = lm_loss(logits, targets[i])
+                g = torch.autograd.grad(loss, [hd, *params], allow_unused=True)  # frees this head's graph
+                grad_h += g[0]
+                for j, gj in enumerate(g[1:]):
+                    if gj is not None:
+                        grads[j] = gj if grads[j] is None else grads[j] + gj
+                losses.append(loss.detach())
+                if i == 0:
+                    logits0 = logits.detach()
+                del logits, loss, g
+        fctx.grads = (grad_h, grads)
+        losses = torch.stack(losses)
+        fctx.mark_non_differentiable(losses, logits0)
+        return losses.sum(), losses, logits0
+
+    @staticmethod
+    def backward(fctx, g_total, g_losses, g_logits):
+        grad_h, grads = fctx.grads
+        del fctx.grads
+        return (grad_h * g_total, None, None, None, *[None if g is None else g * g_total for g in grads])
+
+
+@torch.inference_mode()
+def self_speculative_generate(
+    model: MultiTokenLM, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int
+) -> tuple[list[list[int]], DecodeStats]:
+    """Greedy decoding that drafts with heads 2..n and verifies with head 1 (identical to greedy).
+
+    Returns (new tokens of each row, :class:`DecodeStats`: ``steps`` verification passes after the
+    prefill, ``accepted`` drafts kept per pass; each pass emits accepted + 1 tokens).
+    """
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    n = model.n_future
+    ids, pad = prepare_prompts(prompts, model.device)
+    B, P = ids.shape
+    max_len = P + max_new_tokens  # drafts never run past the last new token
+    check_length(model, max_len)
+    was_training = model.training
+    model.eval()
+    stats = DecodeStats()
+    try:
+        cache = model.init_cache(B, max_len, pad=pad)
+        heads = model.head_logits(ids, cache)  # the prompt, all of it cached
+        nxt = heads[0][:, -1].argmax(-1)  # (B,) head 1: certain (it is greedy decoding's choice)
+        drafts = [lg[:, -1].argmax(-1) for lg in heads[1:]]  # heads 2..n: guesses for the tokens after it
+        seq = ids
+        while seq.shape[1] - P < max_new_tokens:
+            left = max_new_tokens - (seq.shape[1] - P)
+            block = torch.stack([nxt, *drafts[: left - 1]], 1)  # (B, <= n)
+            start = cache.pos
+            heads = model.head_logits(block, cache)  # one pass: verify and draft again
+            greedy = heads[0].argmax(-1)  # (B, n): greedy choice after each block prefix
+            a = int(leading_true(block[:, 1:] == greedy[:, :-1]).min())  # drafts that greedy agrees with
+            seq = torch.cat([seq, block[:, : a + 1]], 1)
+            cache.pos = start + a + 1  # roll back the rejected drafts
+            nxt = greedy[:, a]
+            drafts = [lg[:, a].argmax(-1) for lg in heads[1:]]
+            stats.steps += 1
+            stats.accepted.append(a)
+        stats.tokens = min(seq.shape[1] - P, max_new_tokens)
+    finally:
+        model.train(was_training)
+    return seq[:, P : P + max_new_tokens].tolist(), stats

@@ -1,0 +1,48 @@
+"""Quantization applied from outside a model: converters that rewrite its layers.
+
+A converter records what it did in ``model.quantization`` (a JSON-able dict with a ``method``);
+checkpoints save that dict and :func:`apply_spec` rebuilds the same modules before the weights load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import CheckpointError
+
+
+def apply_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Rewrite ``model`` as the saved quantization ``spec`` describes."""
+    if spec.get("method") == "bitnet":
+        from . import bitnet
+
+        return bitnet.apply_spec(model, spec)
+    raise CheckpointError(f"unknown quantization method {spec.get('method')!r} in the checkpoint")
+
+
+def memory_lines(model: nn.Module) -> list[str]:
+    """Lines for ``lmzoo info``: the memory a quantized model saves (empty when not quantized)."""
+    spec = getattr(model, "quantization", None)
+    if not spec or spec.get("method") != "bitnet":
+        return []
+    from . import bitnet
+
+    r = bitnet.memory_report(model)
+    return [
+        f"  quantization         BitNet {spec['variant']} on {r['layers']} layers ({r['weights']:,} weights)"
+        + (", packed 2-bit" if spec.get("packed") else ""),
+        f"  replaced weights     bf16 {_fmt(r['bf16_bytes'])} -> 2-bit {_fmt(r['packed_bytes'])} "
+        f"({r['ratio']:.3f} of bf16)",
+        f"  model weights        bf16 {_fmt(r['model_bf16_bytes'])} -> {_fmt(r['model_packed_bytes'])} packed "
+        f"(saves {_fmt(r['saved_bytes'])})",
+    ]
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
