@@ -8,6 +8,9 @@ Per setting, three runs on the same text:
 2. ``improved@tokens``: the improved recipe for the same number of tokens.
 3. ``improved@time``: the improved recipe for the same wall time (``max_time_s``; the learning
    rate decays over the time budget, ``schedule_unit=time``; the final evaluation is inside it).
+   On a machine shared with other jobs, ``--clock cpu`` makes the budget the baseline's CPU time
+   (``time_clock=cpu``): with one thread that is the wall time a quiet machine would take, and
+   other jobs cannot shift it between the two runs.
 
 Settings: ``shakespeare`` (character-level tiny Shakespeare, nanoGPT's "I only have a macbook"
 setting) and ``bpe`` (the built-in ``stdlib`` corpus, the first ``--bpe-docs`` files, with a
@@ -15,10 +18,9 @@ setting) and ``bpe`` (the built-in ``stdlib`` corpus, the first ``--bpe-docs`` f
 
     python benchmarks/improved_vs_baseline.py --input ../shared/data/tinyshakespeare.txt
 
-Val loss is the trainer's (20 fixed batches at the run's own context) and ``val_loss_200`` over
-200 batches; ``val_loss_ctx64`` evaluates every model on the same 200 batches of 64 tokens, so a
-recipe with a longer context is also compared where the baseline is. Wall-clock figures depend on
-the machine's load: the script records ``os.getloadavg()`` and each run's CPU time.
+Val loss is the trainer's (20 fixed batches, what nanoGPT prints) and ``val_loss_200`` over 200
+batches. Wall-clock figures depend on the machine's load: the script records ``os.getloadavg()``
+and each run's CPU time. ``--table results.jsonl`` prints the table of saved runs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lmzoo.data import TokenLoader, prepare
+from lmzoo.data import prepare
 from lmzoo.train import TrainConfig, Trainer
 
 # nanoGPT's CPU recipe (README, "I only have a macbook"), as in benchmarks/cpu_shakespeare_char.py
@@ -58,21 +60,10 @@ BASELINE = dict(
     sample_tokens=0,
     keep_last=1,
 )
-# lmzoo's improved recipe: the architecture of preset gpt2-improved-char-cpu (RoPE, GQA, no biases,
-# RMSNorm, SwiGLU), a longer context and a higher learning rate (docs/improved-gpt2.md).
-IMPROVED = dict(
-    BASELINE,
-    model="gpt2-improved-char-cpu",
-    block_size=256,
-    batch_size=3,
-    lr=2e-3,
-    min_lr=1e-4,
-    warmup_steps=100,
-    weight_decay=0.1,
-    decay_embeddings=False,
-    beta2=0.99,
-)
-IMPROVED_MODEL_ARGS = {"block_size": 256}
+# lmzoo's improved recipe: preset gpt2-improved-char-cpu (RoPE, GQA 4:2, no biases, RMSNorm, SwiGLU) and
+# a 3x higher peak learning rate; everything else is nanoGPT's (docs/improved-gpt2.md has the ablation).
+IMPROVED = dict(BASELINE, model="gpt2-improved-char-cpu", lr=3e-3)
+IMPROVED_MODEL_ARGS: dict = {}
 
 
 def prepare_setting(setting: str, args: argparse.Namespace, work: Path) -> Path:
@@ -84,18 +75,6 @@ def prepare_setting(setting: str, args: argparse.Namespace, work: Path) -> Path:
     return prepare(
         "stdlib", d, tokenizer="bpe", vocab_size=args.bpe_vocab, limit=args.bpe_docs, progress=False
     )
-
-
-def val_at_context(trainer: Trainer, block: int = 64, batches: int = 200) -> float:
-    """Mean val loss on the same ``batches`` batches of 12 x ``block`` tokens for every model."""
-    loader = TokenLoader(trainer.data_dir, "val", block, 12, seed=12345, device=trainer.device)
-    model = trainer.model.eval()
-    total = 0.0
-    with torch.no_grad():
-        for _ in range(batches):
-            x, y = loader.next_batch()
-            total += model(x, y).loss.item()
-    return total / batches
 
 
 def run(name: str, setting: str, data: Path, work: Path, settings: dict, seed: int, threads: int) -> dict:
@@ -128,7 +107,6 @@ def run(name: str, setting: str, data: Path, work: Path, settings: dict, seed: i
         "lr": cfg.lr,
         "val_loss": round(s["val_loss"], 4),
         "val_loss_200": round(trainer.evaluate(iters=200), 4),
-        "val_loss_ctx64": round(val_at_context(trainer), 4),
         "stop_reason": s["stop_reason"],
         "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "seed": seed,
@@ -142,15 +120,14 @@ def run(name: str, setting: str, data: Path, work: Path, settings: dict, seed: i
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| setting | run | params | context | steps | tokens | wall s | cpu s | val loss | val 200 | "
-        "val ctx64 | load avg |"
+        "| setting | run | params | steps | tokens | wall s | cpu s | val loss | val 200 | load avg |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {r['run']} | {r['params']:,} | {r['block_size']} | {r['steps']} | "
-            f"{r['tokens']:,} | {r['wall_s']} | {r['cpu_s']} | {r['val_loss']} | {r['val_loss_200']} | "
-            f"{r['val_loss_ctx64']} | {r['load_avg'][0]}-{r['load_avg'][1]} |"
+            f"| {r['setting']} | {r['run']} | {r['params']:,} | {r['steps']} | {r['tokens']:,} | "
+            f"{r['wall_s']} | {r['cpu_s']} | {r['val_loss']} | {r['val_loss_200']} | "
+            f"{r['load_avg'][0]}-{r['load_avg'][1]} |"
         )
     return "\n".join(lines)
 
@@ -161,10 +138,16 @@ def main() -> None:
     p.add_argument("--settings", default="shakespeare,bpe", help="comma-separated: shakespeare, bpe")
     p.add_argument("--runs", default="baseline,tokens,time", help="comma-separated: baseline, tokens, time")
     p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="the time budget's clock: wall, or process CPU time (fair on a machine shared with other jobs)",
+    )
+    p.add_argument(
         "--budget-s",
         type=float,
         default=None,
-        help="wall budget of the improved@time run (default: the baseline run's wall time)",
+        help="time budget of the improved@time run (default: the baseline run's time on --clock)",
     )
     p.add_argument("--bpe-vocab", type=int, default=2048)
     p.add_argument("--bpe-docs", type=int, default=400, help="stdlib files used (the first N)")
@@ -172,7 +155,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--work", type=Path, default=None, help="work directory (default: a temporary one)")
     p.add_argument("--jsonl", type=Path, default=None, help="also append the JSON lines to this file")
+    p.add_argument("--table", type=Path, default=None, help="only print the table of a saved --jsonl file")
     args = p.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
+        return
     if not args.input.is_file():
         raise SystemExit(f"improved_vs_baseline: {args.input}: no such file")
     rows = []
@@ -187,7 +174,8 @@ def main() -> None:
                 base = run("baseline", setting, data, work, BASELINE, args.seed, args.threads)
                 rows.append(base)
             budget_tokens = base["tokens"] if base else BASELINE["max_steps"] * 12 * 64
-            budget_s = args.budget_s or (base["wall_s"] if base else None)
+            clock_key = "wall_s" if args.clock == "wall" else "cpu_s"
+            budget_s = args.budget_s or (base[clock_key] if base else None)
             if "tokens" in runs:
                 per_step = improved["batch_size"] * improved["block_size"]
                 steps = budget_tokens // per_step
@@ -207,7 +195,13 @@ def main() -> None:
                     raise SystemExit(
                         "improved_vs_baseline: the time run needs the baseline run or --budget-s"
                     )
-                timed = {**improved, "max_steps": 10**7, "max_time_s": budget_s, "schedule_unit": "time"}
+                timed = {
+                    **improved,
+                    "max_steps": 10**7,
+                    "max_time_s": budget_s,
+                    "schedule_unit": "time",
+                    "time_clock": args.clock,
+                }
                 rows.append(run("improved@time", setting, data, work, timed, args.seed, args.threads))
             if args.jsonl:
                 with open(args.jsonl, "a") as f:

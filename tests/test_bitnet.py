@@ -18,7 +18,6 @@ from lmzoo.layers.bitlinear import (
     pack_ternary,
     packed_matmul,
     unpack_ternary,
-    weight_quant,
 )
 from lmzoo.quant import bitnet
 

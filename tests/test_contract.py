@@ -44,6 +44,15 @@ VARIANTS: dict[str, list[dict]] = {
         {"n_head": 5, "n_kv_head": 1, "n_embd": 40, "sliding_window": 5, "window_pattern": "LG",
          "rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max": 8},
     ],
+    "mamba": [
+        {},
+        # the sequential reference scan, biased projections, no conv bias, a 2-wide convolution
+        {"scan": "sequential", "bias": True, "conv_bias": False, "d_conv": 2, "dt_rank": 3},
+    ],
+    "jamba": [
+        {},  # every mixer/feed-forward combination (see the jamba-debug preset)
+        {"n_experts": 0, "attn_every": 3, "attn_offset": 0, "tie_embeddings": True, "n_kv_head": 1},
+    ],
 }
 
 CASES = [

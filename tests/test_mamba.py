@@ -53,7 +53,8 @@ def test_sequential_parallel_and_recurrent_scans_agree(T):
     y_ref, h_ref = selective_scan_ref(u, delta, A, B, C, h0)
     y_par, h_par = selective_scan(u, delta, A, B, C, h0, chunk=8, segment=32)  # several segments and chunks
     h = h0.clone()
-    y_rec = torch.stack([selective_scan_step(u[:, t], delta[:, t], A, B[:, t], C[:, t], h) for t in range(T)], 1)
+    y_rec = torch.stack([selective_scan_step(u[:, t], delta[:, t], A, B[:, t], C[:, t], h) for t in range(T)],
+                        dim=1)
     for y, hT in ((y_par, h_par), (y_rec, h)):
         assert rel(y, y_ref) <= 1e-4 and rel(hT, h_ref) <= 1e-4
 
@@ -87,8 +88,28 @@ def test_parallel_scan_passes_gradcheck_in_float64():
     assert torch.autograd.gradcheck(lambda *x: _ChunkedScan.apply(*x, 2, 4), (u, delta, A, B, C, h0))
 
 
+def test_parallel_scan_keeps_only_its_inputs_and_one_state_per_segment_for_backward():
+    """Memory linear in T at the inputs' width (B, T, d or N), never the (B, T, d, N) states."""
+
+    def saved(T: int) -> int:
+        u, delta, A, B, C, _ = (t.requires_grad_() for t in scan_inputs(T, b=2, d=32, n=16))
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            selective_scan(u, delta, A, B, C, chunk=8, segment=64)
+        return sum(storages.values())
+
+    states = 2 * 512 * 32 * 16 * 4  # bytes of all the states at T = 512
+    assert saved(512) < states / 4
+    assert abs(saved(1024) - 2 * saved(512)) <= 0.02 * saved(512) + 2 * 32 * 16 * 4  # linear in T
+
+
 def test_padding_stays_out_of_the_state():
-    """Zeroed input at left-padding positions leaves the conv and SSM state exactly where a fresh row starts."""
+    """Zeroed inputs at left-padding slots leave the conv and SSM states where a fresh row starts."""
     torch.manual_seed(0)
     layer = SelectiveSSM(16, d_state=4).eval()
     x = torch.randn(1, 9, 16)
@@ -212,7 +233,8 @@ def test_logits_greedy_continuation_and_round_trip_match_transformers(hf_dir, tm
     prompts = x[:, :7]
     ours = lmzoo.generate(model, prompts.tolist(), 32, temperature=0.0)
     with torch.no_grad():
-        theirs = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=32, do_sample=False)
+        theirs = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=32,
+                             do_sample=False)
     assert ours == theirs[:, 7:].tolist()
     assert len(set(ours[0])) > 3  # a continuation that exercises the model, not one repeated token
 

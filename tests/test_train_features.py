@@ -113,7 +113,8 @@ def test_compile_runs_a_training_step(data_dir, tmp_path):
 
 
 def test_global_batch_sets_accumulation_and_must_divide():
-    assert TrainConfig.from_dict({"global_batch": 48, "batch_size": 12}).grad_accum == 4
+    cfg = TrainConfig.from_dict({"global_batch": 48, "batch_size": 12})
+    assert cfg.accum_steps == 4 and cfg.replace(batch_size=6).accum_steps == 8
     with pytest.raises(ConfigError, match="global_batch 50 is not divisible by batch_size 12"):
         TrainConfig.from_dict({"global_batch": 50, "batch_size": 12})
     with pytest.raises(ConfigError, match="contradicts global_batch"):
@@ -172,25 +173,26 @@ def test_early_stopping_after_patience_evaluations_without_improvement(data_dir,
     assert (tmp_path / "r" / "LATEST").read_text().strip() == "ckpt-00000006"
 
 
-def test_time_budget_stops_with_a_final_evaluation_and_decays_lr_over_time(data_dir, tmp_path):
-    s = Trainer(
-        tiny(data_dir, tmp_path / "r", max_steps=10**6, max_time_s=1.5, schedule_unit="time", warmup_steps=1)
-    ).train()
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_time_budget_stops_with_a_final_evaluation_and_decays_lr_over_time(data_dir, tmp_path, clock):
+    kw = dict(max_steps=10**6, max_time_s=1.0, schedule_unit="time", time_clock=clock)
+    cfg = tiny(data_dir, tmp_path / "r", **kw)
+    s = Trainer(cfg).train()
     assert s["stop_reason"] == "time" and 0 < s["step"] < 10**6
     assert records(tmp_path / "r", "eval")[-1]["step"] == s["step"]
     lrs = [r["lr"] for r in records(tmp_path / "r", "train")]
     assert lrs[-1] < 0.5 * lrs[1]  # decayed with the wall clock, not with max_steps
-    assert s["train_time_s"] < 1.5 + 5.0  # stopped near the budget (one step and the eval past it at most)
+    assert s["train_time_s"] < 1.0 + 5.0  # stopped near the budget (one step and the eval past it at most)
 
 
-def test_injected_nan_loss_is_skipped_counted_logged_then_aborts(data_dir, tmp_path, monkeypatch):
+def test_injected_nan_loss_is_skipped_counted_logged_then_aborts(data_dir, tmp_path):
     t = Trainer(tiny(data_dir, tmp_path / "once", max_steps=4))
     calls = {"n": 0}
     real = t.step_fn
 
-    def nan_once(x, y):
+    def nan_once(x, y, **kw):
         calls["n"] += 1
-        out = real(x, y)
+        out = real(x, y, **kw)
         return LMOutput(out.logits, out.loss * float("nan")) if calls["n"] == 2 else out
 
     t.step_fn = nan_once
@@ -200,7 +202,7 @@ def test_injected_nan_loss_is_skipped_counted_logged_then_aborts(data_dir, tmp_p
     assert len(ev) == 1 and ev[0]["loss"] == "nan" and ev[0]["step"] == 1
 
     t = Trainer(tiny(data_dir, tmp_path / "always", max_steps=10, max_nonfinite=3))
-    t.step_fn = lambda x, y: LMOutput(real(x, y).logits, torch.tensor(float("nan"), requires_grad=True))
+    t.step_fn = lambda x, y, **kw: LMOutput(real(x, y).logits, torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(LmzooError, match="3 non-finite steps in a row at step 0"):
         t.train()
     ev = [r for r in records(tmp_path / "always", "event") if r.get("event") == "nonfinite_skip"]

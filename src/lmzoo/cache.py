@@ -8,6 +8,10 @@ once (no reallocation or copy per token).
 Batches of prompts of different lengths are *left-padded*: row b has ``pad[b]`` padding slots
 in front. Padding keys are masked out, and positions are counted from each row's first real
 token, so every row computes exactly what it would compute alone.
+
+Recurrent layers keep a fixed-size state instead (:class:`MambaCache`: the selective SSM's
+convolution inputs and state, whatever the length decoded); a hybrid model holds both in one
+:class:`HybridCache`.
 """
 
 from __future__ import annotations
@@ -222,7 +226,7 @@ class RollingKVCache:
 class MambaCache:
     """The recurrent state of selective-SSM layers: its size does not depend on the length decoded.
 
-    ``conv[layer]`` (B, d_inner, d_conv - 1) holds the last inputs of the causal convolution and
+    ``conv[layer]`` (B, d_conv - 1, d_inner) holds the last inputs of the causal convolution and
     ``ssm[layer]`` (B, d_inner, d_state) the SSM state, kept in float32 because it accumulates over
     the whole sequence. A layer reads ``real_mask(T)`` to zero its left padding (see the module
     docstring), updates both tensors in place, and the model calls ``advance(T)`` once per chunk.
@@ -239,7 +243,7 @@ class MambaCache:
         device: torch.device | str = "cpu",
         pad: torch.Tensor | None = None,
     ):
-        self.conv = torch.zeros(n_layer, batch, d_inner, d_conv - 1, dtype=dtype, device=device)
+        self.conv = torch.zeros(n_layer, batch, d_conv - 1, d_inner, dtype=dtype, device=device)
         self.ssm = torch.zeros(n_layer, batch, d_inner, d_state, dtype=torch.float32, device=device)
         self.pos = 0  # tokens seen so far (the same for every row: rows are left-padded)
         if pad is not None:

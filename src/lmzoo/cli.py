@@ -54,6 +54,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         f"device {trainer.device}, {str(trainer.dtype).replace('torch.', '')}"
     )
     summary = trainer.train()
+    if not trainer.dist.is_main:  # [issue 9] torchrun: rank 0 alone reports and samples
+        return 0
     if summary["interrupted"]:
         print(f"interrupted at step {summary['step']}: checkpoint saved in {cfg.out_dir}; continue with --resume")
         return 0
@@ -222,13 +224,21 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     ))
     print(f"  training memory      ~{_fmt_bytes(16 * n)} (fp32 weights + grads + AdamW moments; activations extra)")
     kv = getattr(cfg, "n_kv_head", None)
-    if kv:
+    if kv and hasattr(cfg, "head_dim"):
         per_tok = 2 * cfg.n_layer * kv * cfg.head_dim
         print(f"  KV cache per token   {_fmt_bytes(per_tok * 2)} in bf16 ({_fmt_bytes(per_tok * 2 * T)} at {T} tokens)")
+    elif hasattr(model, "init_cache"):  # a recurrent state (Mamba) or a hybrid one (Jamba): ask the model
+        state = model.init_cache(1, T, dtype=torch.bfloat16, device="meta").nbytes
+        print(f"  decoding state       {_fmt_bytes(state)} per sequence in bf16 at {T} tokens")
     from .quant import memory_lines
 
     for line in memory_lines(model):  # a quantized checkpoint: the memory it saves
         print(line)
+    if args.nf4:
+        from .peft.qlora import memory_lines as nf4_lines
+
+        for line in nf4_lines(model):  # the weight memory under QLoRA's NF4 (docs/qlora-nf4.md)
+            print(line)
     if args.chinchilla or args.flops is not None:
         _print_chinchilla(model, args, T)
     return 0
@@ -286,6 +296,20 @@ def _print_chinchilla(model, args: argparse.Namespace, T: int | None = None) -> 
         print("  training time        give --tokens-per-s N or --from-run RUN_DIR")
 
 
+def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
+    from .peft.finetune import finetune
+
+    cfg = _train_config(args, extra)  # TrainConfig fields as --key=value (data, steps, lr, out_dir...)
+    summary = finetune(
+        args.base, method=args.method, target=args.target, r=args.r, alpha=args.alpha, dropout=args.dropout,
+        freeze=args.freeze, adapter=args.adapter, **cfg.to_dict(),
+    )
+    print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, {summary['trainable']:,} trainable")
+    if "adapter_dir" in summary:
+        print(f"adapter: {summary['adapter_dir']}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
     from .train.plot import plot_runs
 
@@ -293,6 +317,124 @@ def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"plot: unrecognized arguments: {' '.join(extra)}")
     out = plot_runs(args.runs, args.out, x=args.x, smooth=args.smooth, log_y=args.log_y, title=args.title)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace, extra: list[str]) -> int:
+    """[issue 9] A small scaling-law sweep, the approach-3 fit and its plot (docs/scaling-laws.md)."""
+    import json
+
+    from .scaling import fit_scaling_law, plot_fit, run_sweep
+
+    if extra:
+        raise ConfigError(f"scale: unrecognized arguments: {' '.join(extra)}")
+    runs = run_sweep(args.source, args.out, args.depths, args.steps, args.aspect, args.head_dim, args.batch_size,
+                     args.block_size, tokenizer=args.tokenizer, log=lambda r: print(json.dumps(r), flush=True))
+    ns, ds, ls = ([r[k] for r in runs] for k in ("params", "tokens", "val_loss"))
+    fit = fit_scaling_law(ns, ds, ls)
+    n_opt, d_opt = fit.optimal(args.flops)
+    print(f"L(N, D) = {fit.E:.3f} + {fit.A:.4g} / N^{fit.alpha:.3f} + {fit.B:.4g} / D^{fit.beta:.3f}")
+    print(f"compute-optimal at {args.flops:.3g} FLOPs: {float(n_opt):,.0f} parameters, {float(d_opt):,.0f} tokens")
+    plot_fit(fit, ns, ds, ls, args.plot)
+    print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    from . import evaluate as ev
+    from .train.trainer import resolve_device
+
+    if extra:
+        raise ConfigError(f"eval: unrecognized arguments: {' '.join(extra)}")
+    if not (args.data_dir or args.text or args.task):
+        raise ConfigError("eval: give --data-dir DIR (with --split), --text FILE or --task FILE.jsonl")
+    model, tok = _load_any(args.checkpoint, device=str(resolve_device(args.device)))
+    results: dict = {"checkpoint": args.checkpoint}
+    if args.data_dir:
+        r = ev.evaluate_split(model, args.data_dir, args.split, args.block_size, args.batch_size, args.max_tokens)
+        results[f"{args.data_dir}:{args.split}"] = r.to_dict()
+    if args.text:
+        if not Path(args.text).is_file():
+            raise ConfigError(f"eval: no such text file: {args.text}")
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+        results[args.text] = ev.evaluate_text(model, tok, text, args.block_size, args.batch_size).to_dict()
+    if args.task:
+        mc = ev.evaluate_choices(model, tok, args.task, args.limit, args.block_size)
+        if not args.predictions:
+            mc.pop("predictions")
+        results[args.task] = mc
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for name, r in results.items():
+        if name == "checkpoint":
+            continue
+        if "acc" in r:
+            print(f"{name}: {r['examples']} examples, acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f}")
+        else:
+            print(f"{name}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}, bits/byte "
+                  f"{r['bits_per_byte']:.4f} ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    import shlex
+
+    from .compare import compare, load_experiment, parse_run
+    from .config import parse_overrides
+    from .train.config import split_overrides
+
+    budget = None
+    if args.budget:
+        kind, _, amount = args.budget.partition("=")
+        budget = {kind: parse_overrides([f"--v={amount}"])["v"]}
+    exp = load_experiment(
+        args.config, runs=[parse_run(r) for r in args.run] or None, budget=budget, out_dir=args.out,
+        seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, target_loss=args.target_loss,
+        common=split_overrides(parse_overrides(extra)) or None,
+    )
+    table = compare(exp, command="lmzoo " + shlex.join(sys.argv[1:]))
+    from .compare import table_markdown
+
+    print(table_markdown(table), end="")
+    print(f"wrote {exp['out_dir']}/table.md, table.json and val_loss_vs_{{tokens,time,flops}}.png")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from .report import export, write_report
+
+    if extra:
+        raise ConfigError(f"report: unrecognized arguments: {' '.join(extra)}")
+    dirs = [export(d, args.export) for d in args.dirs] if args.export else args.dirs
+    print(f"wrote {write_report(dirs, args.out)}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
+    from .chat import ChatSession, run_chat
+    from .train.trainer import resolve_device
+
+    if extra:
+        raise ConfigError(f"chat: unrecognized arguments: {' '.join(extra)}")
+    model, tok = _load_any(args.checkpoint, device=str(resolve_device(args.device)))
+    if tok is None:
+        raise ConfigError(f"{args.checkpoint}: no tokenizer saved with the checkpoint")
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    session = ChatSession(model, tok, system=args.system, template=args.template,
+                          max_new_tokens=args.max_new_tokens, sampling=sampling)
+    return run_chat(session)
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from .serve import serve
+
+    if extra:
+        raise ConfigError(f"serve: unrecognized arguments: {' '.join(extra)}")
+    serve(args.checkpoint, host=args.host, port=args.port, device=args.device, model_name=args.model_name,
+          max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes, template=args.template)
     return 0
 
 
@@ -350,7 +492,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="20 tokens/parameter (default) or the paper's approach-3 loss fit")
     i.add_argument("--tokens-per-s", type=float, default=None, help="throughput for the time estimate")
     i.add_argument("--from-run", default=None, help="read the throughput from a run's metrics.jsonl")
+    i.add_argument("--nf4", action="store_true", help="also show the weight memory in NF4 (QLoRA)")
     i.set_defaults(func=cmd_info)
+
+    f = sub.add_parser(
+        "finetune", help="fine-tune a checkpoint or HF directory: full, LoRA or QLoRA (docs/lora.md)",
+        description="Fine-tune with the shared trainer; TrainConfig fields as --key=value (e.g. --source=my.txt "
+        "--tokenizer=DIR --max_steps=200 --lr=2e-4 --out_dir=runs/ft). LoRA adapters go to <out_dir>/adapter.",
+    )
+    f.add_argument("base", help="lmzoo checkpoint / run directory, or a Hugging Face directory")
+    f.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
+    f.add_argument("--target", default="attn.qkv|attn.proj", help="regex of the Linear module names to adapt")
+    f.add_argument("--r", type=int, default=8, help="LoRA rank")
+    f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha/r)")
+    f.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on the adapter's input")
+    f.add_argument("--freeze", default=None, help="regex of parameter names kept frozen (e.g. '^wte\\.')")
+    f.add_argument("--adapter", default=None, help="start from a saved adapter directory")
+    f.add_argument("--config", help="YAML recipe of TrainConfig fields")
+    f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    f.set_defaults(func=cmd_finetune)
 
     pl = sub.add_parser("plot", help="loss curves of one or several runs into a PNG")
     pl.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
@@ -360,6 +520,82 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=cmd_plot)
+
+    # [issue 9] scaling-law sweep (lmzoo.scaling)
+    sc = sub.add_parser("scale", help="sweep model sizes x token budgets, fit L(N, D), plot the frontier")
+    sc.add_argument("--source", default="stdlib", help="corpus (built-in name or path)")
+    sc.add_argument("--tokenizer", default="char")
+    sc.add_argument("--out", default="runs/scale", help="directory for the sweep's runs")
+    sc.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="depth dial values (model sizes)")
+    sc.add_argument("--steps", type=int, nargs="+", default=[40, 80, 160], help="steps per run (token budgets)")
+    sc.add_argument("--aspect", type=int, default=32, help="width per layer of depth")
+    sc.add_argument("--head-dim", type=int, default=16)
+    sc.add_argument("--batch-size", type=int, default=8)
+    sc.add_argument("--block-size", type=int, default=64)
+    sc.add_argument("--flops", type=float, default=1e15, help="budget to print the compute-optimal size for")
+    sc.add_argument("--plot", default="scaling.png", help="output PNG")
+    sc.set_defaults(func=cmd_scale)
+
+    ev = sub.add_parser("eval", help="perplexity, bits per byte and multiple-choice accuracy of a checkpoint",
+                        description="Evaluate a checkpoint (docs/evaluation.md).")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint, run directory, or Hugging Face directory")
+    ev.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="a prepared data set")
+    ev.add_argument("--split", default="val", help="train or val")
+    ev.add_argument("--max-tokens", type=int, default=None, help="evaluate only the split's first N tokens")
+    ev.add_argument("--text", default=None, help="a UTF-8 text file")
+    ev.add_argument("--task", default=None, help="multiple-choice JSONL (context/ctx, endings, label)")
+    ev.add_argument("--limit", type=int, default=None, help="score only the task's first N examples")
+    ev.add_argument("--predictions", action="store_true", help="with --json: every example's scores")
+    ev.add_argument("--block-size", type=int, default=None, help="window length (default: the model's)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.set_defaults(func=cmd_eval)
+
+    cp = sub.add_parser("compare", help="train several models under one budget; table and plots",
+                        description="Compare models on the same data and budget (docs/compare.md). Extra "
+                        "--key=value settings apply to every run.")
+    cp.add_argument("--config", default=None, help="experiment YAML (runs, budget, seeds, common settings)")
+    cp.add_argument("--run", action="append", default=[], help="name:preset[:key=value,...] (repeatable)")
+    cp.add_argument("--budget", default=None, help="steps=N, tokens=N, flops=F or time_s=S (default steps=200)")
+    cp.add_argument("--seeds", default=None, help="comma-separated seeds (default 1337)")
+    cp.add_argument("--target-loss", type=float, default=None, help="report time and tokens to reach it")
+    cp.add_argument("--out", default=None, help="output directory (default runs/compare/<name>)")
+    cp.set_defaults(func=cmd_compare)
+
+    rp = sub.add_parser("report", help="render RESULTS.md from `lmzoo compare` outputs",
+                        description="Render the experiment log from compare output directories (docs/compare.md).")
+    rp.add_argument("dirs", nargs="+", help="experiment directories (compare outputs or results/<name>)")
+    rp.add_argument("--out", default="RESULTS.md")
+    rp.add_argument("--export", default=None, metavar="DIR",
+                    help="first copy each experiment's summaries to DIR/<name>/ and render from there")
+    rp.set_defaults(func=cmd_report)
+
+    ch = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streamed; /reset, /exit)",
+                        description="Interactive chat with history and streaming (docs/serve.md).")
+    ch.add_argument("--checkpoint", required=True, help="checkpoint, run directory, or Hugging Face directory")
+    ch.add_argument("--system", default=None, help="a system prompt put before the conversation")
+    ch.add_argument("--template", choices=["transcript", "raw"], default="transcript",
+                    help="transcript: 'User: ... / Assistant: ...' turns; raw: plain text continuation")
+    ch.add_argument("--max-new-tokens", type=int, default=200)
+    ch.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ch.add_argument("--top-k", type=int, default=None)
+    ch.add_argument("--top-p", type=float, default=None)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--device", default="auto")
+    ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP endpoint (needs lmzoo[serve])",
+                        description="Serve a checkpoint: /v1/completions, /v1/chat/completions (docs/serve.md).")
+    sv.add_argument("--checkpoint", required=True, help="checkpoint, run directory, or Hugging Face directory")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only: no authentication)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model-name", default=None, help="the model id clients use (default: the family)")
+    sv.add_argument("--max-tokens-limit", type=int, default=512, help="larger max_tokens get a 400")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
+    sv.add_argument("--template", choices=["transcript", "raw"], default="transcript", help="chat formatting")
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

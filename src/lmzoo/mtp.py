@@ -197,8 +197,9 @@ class MultiTokenLM(LanguageModel):
         last_only: bool = False,
     ) -> LMOutput:
         if targets is None:
-            logits = self.head_logits(idx, cache)[0] if cache is not None else None
-            if logits is None:  # no cache: only head 1 is needed
+            if cache is not None:  # every head runs: each head's cache must hold every position
+                logits = self.head_logits(idx, cache)[0]
+            else:  # only head 1 is needed
                 h, ctx = self.trunk(idx)
                 logits = self.run_head(0, h, ctx)
             return LMOutput(logits[:, -1:] if last_only else logits)
@@ -284,7 +285,6 @@ def self_speculative_generate(
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    n = model.n_future
     ids, pad = prepare_prompts(prompts, model.device)
     B, P = ids.shape
     max_len = P + max_new_tokens  # drafts never run past the last new token

@@ -132,7 +132,7 @@ def consistency_loss(model, prefix: torch.Tensor, state: torch.Tensor, fixed: to
     over rows: teacher = the model's (detached) predictions given x, y*_<i; student = its predictions
     given x, y^(j)_<i.
     """
-    P, n = prefix.shape[1], fixed.shape[1]
+    P = prefix.shape[1]
     if P < 1 or state.shape != fixed.shape:
         raise ConfigError("consistency_loss: need a non-empty prefix and a state shaped like the fixed point")
     with torch.no_grad():

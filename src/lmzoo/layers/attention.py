@@ -58,11 +58,19 @@ def reference_attention(
     return att @ v
 
 
+# SDPA shares K/V heads among query heads itself since torch 2.5 (no copy of K and V per step)
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def attend(q, k, v, mask=None, is_causal=False, dropout_p=0.0, backend="sdpa") -> torch.Tensor:
-    """Dispatch to a backend. Shapes as in :func:`reference_attention`; K/V already repeated for GQA."""
+    """Dispatch to a backend. q (B, nh, T, hd); k/v (B, n_kv, S, hd) with n_kv dividing nh (GQA)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if backend == "reference" or (n_rep > 1 and not _SDPA_GQA):
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if backend == "reference":
         return reference_attention(q, k, v, mask, is_causal, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    gqa = {"enable_gqa": True} if n_rep > 1 and _SDPA_GQA else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **gqa)
 
 
 class CausalSelfAttention(nn.Module):
@@ -110,7 +118,6 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): everything seen so far
-        k, v = repeat_kv(k, nh // nkv), repeat_kv(v, nh // nkv)
         dropout_p = self.dropout if self.training else 0.0
         y = attend(q, k, v, mask, is_causal, dropout_p, self.backend)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)

@@ -101,11 +101,11 @@ class BitLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, variant: Variant = "b1.58", norm: bool = True) -> BitLinear:
         """A BitLinear sharing ``linear``'s weight and bias Parameters (no copy: works on meta too)."""
         w = linear.weight
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, variant, norm,
-                device=w.device, dtype=w.dtype)
-        m.weight = linear.weight
-        if linear.bias is not None:
-            m.bias = linear.bias
+        # built on the meta device (no memory), then given the Linear's own Parameters and a real norm
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, variant, False, device="meta")
+        m.weight, m.bias = linear.weight, linear.bias
+        if norm:
+            m.norm = RMSNorm(linear.in_features, eps=1e-5).to(device=w.device, dtype=w.dtype)
         return m
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -183,7 +183,7 @@ def update_model_grids(model: nn.Module, *inputs, **kwargs) -> int:
     kans = [m for m in model.modules() if isinstance(m, KANFeedForward)]
     for kan in kans:
         seen = []
-        handle = kan.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        handle = kan.register_forward_pre_hook(lambda mod, args, seen=seen: seen.append(args[0]))
         try:
             model(*inputs, **kwargs)
         finally:

@@ -24,11 +24,12 @@ output is gated by SiLU(z) and projected back (out_proj). Shapes: B batch, T tim
 **Three scans, one function** (tests check they agree):
 
 - :func:`selective_scan_ref`: the recurrence one step at a time under autograd (readable).
-- :func:`selective_scan`: a chunked parallel scan (see :class:`_ChunkedScan`): ``a_t h_{t-1} + b_t``
-  is associative, so a sequence can be cut into chunks that are scanned all at once, joined by
-  their end states, and completed, in O(T) work and O(T / chunk + chunk) sequential steps. An
-  autograd Function keeps only the inputs and one state per segment, and backward recomputes a
-  segment at a time: memory is linear in T with a small constant, never (B, T, d, N) at once.
+- :func:`selective_scan`: a chunked parallel scan (see :class:`_ChunkedScan`): the steps
+  h -> a_t h + b_t compose associatively, so a sequence can be cut into chunks that are scanned all
+  at once, joined by their end states, and completed, in O(T) work and O(T / chunk + chunk)
+  sequential steps. An autograd Function keeps only the inputs and one state per segment, and
+  backward recomputes a segment at a time: memory is linear in T with a small constant, never
+  (B, T, d, N) at once.
 - :func:`selective_scan_step`: one token, the state carried in the decoding cache.
 
 Where ``mamba_ssm``'s CUDA kernel is importable and the tensors are on a GPU, training uses it.
@@ -47,7 +48,7 @@ from .norm import RMSNorm
 
 try:  # optional: the fused CUDA kernel from the authors' package
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
-except Exception:  # noqa: BLE001 - not installed, or installed without a working CUDA build
+except Exception:  # not installed, or installed without a working CUDA build
     _cuda_selective_scan = None
 
 
@@ -200,8 +201,9 @@ class _ChunkedScan(torch.autograd.Function):
             gB[sl] = torch.matmul(du[sl, :, None, :], gk).squeeze(2)  # Σ_d g Δx
             gBx = torch.matmul(gk, B[sl, :, :, None]).squeeze(-1)  # Σ_N g B: (L, B, d)
             gz = h[:L].mul_(gk).mul_(a[:L])  # g ⊙ h_{t-1} ⊙ Ā = dLoss/d(ΔA), in place of h_{t-1}
-            gA += (gz * delta[sl, :, :, None]).sum((0, 1))
-            gdelta[sl] = (gz * A).sum(-1) + gBx * u[sl]
+            # both reductions as batched matmuls over the d channels (no (L, B, d, N) temporary)
+            gA += torch.bmm(delta[sl].reshape(-1, d).t()[:, None], gz.reshape(-1, d, n).transpose(0, 1))[:, 0]
+            gdelta[sl] = torch.einsum("tbdn,dn->tbd", gz, A) + gBx * u[sl]
             gu[sl] = gBx * delta[sl]
             carry = a[0] * gk[0]  # dLoss/d(state entering the segment)
         gh0 = carry if ctx.has_h0 else None
@@ -238,8 +240,8 @@ class SelectiveSSM(nn.Module):
     ``inner_norms`` adds Jamba's RMSNorms on Δ (before dt_proj), B and C. ``scan`` picks the
     training scan: ``"chunked"`` (default) or ``"sequential"`` (the reference, for tests).
 
-    Decoding state (``cache``, a :class:`~lmzoo.cache.MambaCache`): ``cache.conv[layer]`` (B, d,
-    d_conv - 1) holds the last inputs of the convolution and ``cache.ssm[layer]`` (B, d, N) the SSM
+    Decoding state (``cache``, a :class:`~lmzoo.cache.MambaCache`): ``cache.conv[layer]`` (B,
+    d_conv - 1, d) holds the last inputs of the convolution and ``cache.ssm[layer]`` (B, d, N) the SSM
     state. Left-padded rows (``cache.real_mask``) have their padding zeroed before the convolution
     and before the SSM, so the padding never reaches the state: each row computes what it would alone.
     """
@@ -306,16 +308,25 @@ class SelectiveSSM(nn.Module):
         real = cache.real_mask(T) if cache is not None else None  # (B, T) bool, or None: no padding
         if real is not None:
             xs = xs * real[..., None]
-        # depthwise causal convolution over time: a short local mixing before the long-range SSM
-        xs = xs.transpose(1, 2)  # (B, d, T)
+        # depthwise causal convolution over time, a short local mixing before the long-range SSM,
+        # written as d_conv shifted multiply-adds: the same function as the Conv1d, whose depthwise
+        # backward is very slow on CPU
+        K = self.d_conv
         if cache is None:
-            xs = self.conv1d(xs)[..., :T]  # padding d_conv - 1 on both sides; keep the causal part
+            past = xs.new_zeros(Bsz, K - 1, self.d_inner)
         else:
-            state = cache.conv[layer]  # (B, d, d_conv - 1): the previous inputs
-            full = torch.cat([state.to(xs.dtype), xs], dim=-1)  # (B, d, d_conv - 1 + T)
-            state.copy_(full[..., full.shape[-1] - (self.d_conv - 1) :])
-            xs = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)  # (B, d, T)
-        u = F.silu(xs).transpose(1, 2)  # (B, T, d)
+            state = cache.conv[layer]  # (B, d_conv - 1, d): the previous inputs
+            past = state.to(xs.dtype)
+        full = torch.cat([past, xs], dim=1)  # (B, d_conv - 1 + T, d)
+        if cache is not None:
+            state.copy_(full[:, full.shape[1] - (K - 1) :])
+        w = self.conv1d.weight[:, 0].t()  # (d_conv, d): tap k multiplies the input k - d_conv + 1 steps back
+        xs = full[:, K - 1 :] * w[K - 1]
+        if self.conv1d.bias is not None:
+            xs = xs + self.conv1d.bias
+        for k in range(K - 1):
+            xs = torch.addcmul(xs, full[:, k : k + T], w[k])
+        u = F.silu(xs)  # (B, T, d)
         if real is not None:
             u = u * real[..., None]  # zero input: the state stays exactly 0 through the padding
         dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -331,8 +342,9 @@ class SelectiveSSM(nn.Module):
         elif self.scan == "sequential":
             y, _ = selective_scan_ref(u, delta, A, Bm, Cm)
         elif _cuda_selective_scan is not None and u.is_cuda:
-            y = _cuda_selective_scan(u.transpose(1, 2), delta.transpose(1, 2), A, Bm.transpose(1, 2).float(),
-                                     Cm.transpose(1, 2).float()).transpose(1, 2)
+            # the authors' fused kernel: layout (B, d, T) and (B, N, T); untested here (no GPU in CI)
+            y = _cuda_selective_scan(u.float().transpose(1, 2), delta.transpose(1, 2), A,
+                                     Bm.float().transpose(1, 2), Cm.float().transpose(1, 2)).transpose(1, 2)
         else:
             y, _ = selective_scan(u, delta, A, Bm, Cm, None, self.chunk, self.segment)
         y = (y + u.float() * self.D.float()) * F.silu(z.float())  # D skip, then the SiLU gate

@@ -140,7 +140,10 @@ PRESETS: dict[str, dict] = {
     # nanoGPT's shakespeare_char "baby GPT" (a GPU recipe) and its CPU recipe
     "gpt2-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, dropout=0.2, mlp="gelu"),
     "gpt2-char-cpu": dict(**_CHAR_CPU),
-    "gpt2-improved-char-cpu": dict(_CHAR_CPU, pos_emb="rope", n_kv_head=2, bias=False),
+    # lmzoo's improved CPU recipe (docs/improved-gpt2.md): RoPE, GQA, no biases, RMSNorm, SwiGLU
+    "gpt2-improved-char-cpu": dict(
+        _CHAR_CPU, pos_emb="rope", n_kv_head=2, bias=False, norm="rmsnorm", mlp="swiglu"
+    ),
     "gpt2-debug": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32, vocab_size=97),
     # sparse mixture of experts (top-2 of 4, or 8 on the CPU recipe), everything else as above
     "gpt2-moe-debug": dict(

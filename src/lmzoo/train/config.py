@@ -41,7 +41,7 @@ class TrainConfig(Config):
     batch_size: int = 12  # sequences per micro-batch
     block_size: int | None = None  # context length; default the model's block_size
     grad_accum: int = 1  # micro-batches per optimizer step
-    global_batch: int | None = None  # sequences per optimizer step; sets grad_accum = this / (batch*world)
+    global_batch: int | None = None  # sequences per optimizer step: grad_accum = this / (batch * world)
     batch_ramp_steps: int = 0  # grow micro-batches per step linearly over this many steps (0: off)
     batch_ramp_start: int = 1  # micro-batches per step at step 0 of the ramp
     max_steps: int = 2000
@@ -49,6 +49,7 @@ class TrainConfig(Config):
     # (loader mode "stream") and the model's cache (its memory) carries from batch to batch, no gradient
     recurrence: bool = False
     max_time_s: float = 0.0  # wall-clock budget incl. the final evaluation (0: none)
+    time_clock: Literal["wall", "cpu"] = "wall"  # "cpu": max_time_s counts this process's CPU time
     # optimizer and schedule
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -63,6 +64,10 @@ class TrainConfig(Config):
     beta2: float = 0.99
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    # [issue 9] optimizer choice and torch.distributed layout (train/optimizers.py, distributed/)
+    optimizer: Literal["adamw", "muon", "ademamix"] = "adamw"  # docs/muon.md
+    optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"scaling": "modded"}
+    parallel: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"mode": "ddp"|"fsdp"|"tp"|"pp", ...}
     # evaluation, checkpoints, logging
     eval_interval: int = 250
     eval_iters: int = 20
@@ -85,6 +90,13 @@ class TrainConfig(Config):
     sample_tokens: int = 200  # sample printed at the end (0: none)
     sample_prompt: str = "\n"
 
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per optimizer step (one process): global_batch / batch_size, or grad_accum."""
+        if self.global_batch:
+            return accumulation_steps(self.global_batch, self.batch_size, 1)
+        return self.grad_accum
+
     def validate(self) -> None:
         positive = ["batch_size", "grad_accum", "max_steps", "eval_iters", "keep_last", "max_nonfinite",
                     "batch_ramp_start", "system_metrics_interval", "profile_steps"]
@@ -105,10 +117,9 @@ class TrainConfig(Config):
                     f"grad_accum {self.grad_accum} contradicts global_batch {self.global_batch} / batch_size "
                     f"{self.batch_size} = {derived}; set one of them"
                 )
-            self.grad_accum = derived
-        if self.batch_ramp_steps and self.batch_ramp_start > self.grad_accum:
+        if self.batch_ramp_steps and self.batch_ramp_start > self.accum_steps:
             raise ConfigError(
-                f"batch_ramp_start ({self.batch_ramp_start}) must be <= grad_accum ({self.grad_accum}): "
+                f"batch_ramp_start ({self.batch_ramp_start}) must be <= grad_accum ({self.accum_steps}): "
                 "the ramp grows the micro-batches per step up to grad_accum"
             )
         if self.schedule_unit == "time" and not self.max_time_s:
@@ -156,7 +167,7 @@ def grad_accum_at(step: int, cfg: TrainConfig, grad_accum: int | None = None) ->
     gradients are large and agree, so a small batch already points the right way and big batches
     only pay off once the gradient noise dominates (McCandlish et al. 2018, "critical batch size").
     """
-    end = grad_accum or cfg.grad_accum  # the full value (the trainer's, for data-parallel runs)
+    end = grad_accum or cfg.accum_steps  # the full value (the trainer's, for data-parallel runs)
     if not cfg.batch_ramp_steps or step >= cfg.batch_ramp_steps:
         return end
     start = min(cfg.batch_ramp_start, end)
@@ -167,11 +178,17 @@ def split_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """Fold ``model.X=...`` overrides into ``model_args``; other keys stay as TrainConfig fields."""
     out: dict[str, Any] = {}
     model_args: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}  # [issue 9] --parallel.mode=ddp, --optimizer_args.scaling=modded
     for k, v in overrides.items():
         if k.startswith("model."):
             model_args[k[len("model.") :]] = v
+        elif k.split(".", 1)[0] in ("parallel", "optimizer_args") and "." in k:
+            field, key = k.split(".", 1)
+            nested.setdefault(field, {})[key] = v
         else:
             out[k] = v
     if model_args:
         out["model_args"] = {**out.get("model_args", {}), **model_args}
+    for field, values in nested.items():
+        out[field] = {**out.get(field, {}), **values}
     return out

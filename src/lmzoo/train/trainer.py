@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint as ckpt
+from .. import distributed as dist
 from ..atomic import atomic_write_text
 from ..errors import CheckpointError, ConfigError, DataError, LmzooError
 from ..layers.moe import loggable
@@ -35,7 +36,7 @@ from .config import TrainConfig, accumulation_steps, grad_accum_at
 from .loggers import Loggers, TensorBoardLogger, WandbLogger, system_metrics
 from .metrics import MetricsLogger
 from .mfu import device_peak_flops, mfu
-from .optim import make_adamw
+from .optimizers import make_optimizer
 from .precision import DTYPES, apply_precision, autocast, resolve_dtype, setup_tf32
 from .runtime import (  # noqa: F401 - re-exported: lmzoo.train.trainer.resolve_device is public
     default_data_dir,
@@ -66,6 +67,8 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.run_name = cfg.run_name or self.out_dir.resolve().name
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        # [issue 9] torchrun: check the layout, join the process group (docs/distributed.md)
+        self.dist = dist.setup(cfg.parallel, cfg.batch_size, cfg.global_batch, device_type=self.device.type)
         self.grad_accum = cfg.grad_accum
         if cfg.global_batch:
             self.grad_accum = accumulation_steps(cfg.global_batch, cfg.batch_size, world)
@@ -74,11 +77,12 @@ class Trainer:
             preset_config(cfg.model, **cfg.model_args)
         # -- data ---------------------------------------------------------------------------
         self.data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
-        if not (self.data_dir / "meta.json").is_file():
-            print(f"preparing {cfg.source!r} with the {cfg.tokenizer} tokenizer into {self.data_dir}")
-            prepare(
-                cfg.source, self.data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, input=cfg.input
-            )
+        with dist.main_first(self.dist):  # [issue 9] rank 0 prepares, the others wait
+            if not (self.data_dir / "meta.json").is_file():
+                print(f"preparing {cfg.source!r} with the {cfg.tokenizer} tokenizer into {self.data_dir}")
+                prepare(
+                    cfg.source, self.data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, input=cfg.input
+                )
         self.meta = load_meta(self.data_dir)
         self.tokenizer = tokenizer or load_tokenizer(self.data_dir / "tokenizer")
 
@@ -102,11 +106,12 @@ class Trainer:
         try:
             mode = "stream" if cfg.recurrence else "random"
             self.train_loader = TokenLoader(
-                self.data_dir, "train", self.block_size, cfg.batch_size, seed=cfg.seed, device=self.device, mode=mode
+                self.data_dir, "train", self.block_size, cfg.batch_size, seed=cfg.seed, device=self.device, mode=mode,
+                rank=self.dist.dp_rank, world_size=self.dist.dp_size,  # [issue 9] each rank its own windows
             )
             self.val_loader = TokenLoader(
                 self.data_dir, "val", self.block_size, cfg.batch_size, seed=cfg.seed + 1, device=self.device,
-                mode=mode,
+                mode=mode, rank=self.dist.dp_rank, world_size=self.dist.dp_size,  # [issue 9]
             )
         except DataError as e:
             raise DataError(f"{e} (block_size {self.block_size} is larger than the data allows)") from None
@@ -120,12 +125,17 @@ class Trainer:
             apply_precision(self.model, self.param_dtype, cfg.fp32_norms)
         if cfg.grad_checkpointing:
             apply_activation_checkpointing(self.model)
-        self.optimizer = make_adamw(
-            self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.eps, cfg.decay_embeddings
+        # [issue 9] data parallel wrapper (DDP); self.model stays the plain module (checkpoints, eval)
+        self.train_model = dist.parallelize_for_trainer(self.model, self.dist, cfg.batch_size, cfg.global_batch)
+        self.optimizer = make_optimizer(  # [issue 9] adamw | muon | ademamix (train/optimizers.py)
+            cfg.optimizer, self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.eps,
+            cfg.decay_embeddings, cfg.optimizer_args,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.autocast = autocast(self.device, self.dtype)
-        self.step_fn = torch.compile(self.model, backend=cfg.compile_backend) if cfg.compile else self.model
+        self.step_fn = (
+            torch.compile(self.train_model, backend=cfg.compile_backend) if cfg.compile else self.train_model
+        )
         self.flops_per_token = self.model.flops_per_token(self.block_size)
         self.peak_flops, self.device_name = device_peak_flops(self.device, cfg.peak_flops)
 
@@ -175,6 +185,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write ckpt-<step> atomically, point LATEST at it, then prune old ones."""
         name = f"ckpt-{self.step:08d}"
+        if not self.dist.is_main:  # [issue 9] DDP: replicas are identical, rank 0 writes
+            return self.out_dir / name
 
         def write() -> None:
             ckpt.write_checkpoint(
@@ -189,6 +201,8 @@ class Trainer:
         return self.out_dir / name
 
     def _save_best(self) -> None:
+        if not self.dist.is_main:  # [issue 9]
+            return
         def write() -> None:
             extra = {"step": self.step}
             ckpt.write_checkpoint(self.model, self.out_dir / "best", self.tokenizer, extra=extra)
@@ -239,16 +253,22 @@ class Trainer:
             with self.autocast:
                 losses.append(self.model(x, y, cache=memory).loss.float().item())
         self.model.train()
-        return sum(losses) / len(losses)
+        return dist.reduce_mean(sum(losses) / len(losses), self.dist)  # [issue 9] mean over ranks' shards
 
     # -- the loop ---------------------------------------------------------------------------
     def _handle_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
+    def _clock(self) -> float:
+        """Seconds on the budget's clock: wall time, or (``time_clock=cpu``) this process's CPU time,
+        which other jobs on a shared machine do not inflate (with one thread, it equals the wall
+        time of a quiet machine)."""
+        return time.process_time() if self.cfg.time_clock == "cpu" else time.time()
+
     def elapsed(self) -> float:
-        """Training wall time so far, over every session of the run (seconds)."""
+        """Training time so far on the budget's clock, over every session of the run (seconds)."""
         start = getattr(self, "_session_start", None)
-        return self.train_time_s + (time.time() - start if start is not None else 0.0)
+        return self.train_time_s + (self._clock() - start if start is not None else 0.0)
 
     def lr(self) -> float:
         cfg = self.cfg
@@ -261,6 +281,8 @@ class Trainer:
 
     def _open_loggers(self) -> Loggers:
         cfg = self.cfg
+        if not self.dist.is_main:  # [issue 9] only rank 0 writes logs
+            return Loggers()
         settings = cfg.to_dict()
         tb = TensorBoardLogger(self.out_dir / "tb", settings) if cfg.tensorboard else None
         wb = None
@@ -287,7 +309,8 @@ class Trainer:
         """Run until ``max_steps``, the time budget, early stopping or a signal; returns a summary."""
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+        if self.dist.is_main:  # [issue 9]
+            atomic_write_text(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         log = self._open_loggers()
         log.log(
             "event", self.step, event="start", run_name=self.run_name, params=self.model.num_params(),
@@ -302,13 +325,14 @@ class Trainer:
             for s in (signal.SIGTERM, signal.SIGINT):
                 handlers[s] = signal.signal(s, self._handle_signal)
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.dist.is_main:  # [issue 9]
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, leave=True)
         model, opt = self.model, self.optimizer
         model.train()
-        self._session_start = time.time()
+        self._session_start = self._clock()
+        wall_start = time.time()
         session_tokens = 0
         val_loss = math.nan
         last_ckpt_step = -1
@@ -323,17 +347,19 @@ class Trainer:
                         group["lr"] = lr
                     accum = grad_accum_at(self.step, cfg, self.grad_accum)
                     loss_sum = torch.zeros((), device=self.device)
-                    for _ in range(accum):
+                    for micro in range(accum):
                         x, y = self.train_loader.next_batch()
-                        with self.autocast:
-                            out = self.step_fn(x, y, cache=self.memory)
-                            loss = out.loss / accum
-                        self.scaler.scale(loss).backward()
+                        # [issue 9] DDP: all-reduce gradients only after the last micro-batch (no_sync)
+                        with dist.gradient_sync(self.train_model, micro == accum - 1):
+                            with self.autocast:
+                                out = self.step_fn(x, y, cache=self.memory)
+                                loss = out.loss / accum
+                            self.scaler.scale(loss).backward()
                         loss_sum += loss.detach()
                     self.scaler.unscale_(opt)
                     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                    loss_val, norm_val = float(loss_sum), float(norm)
+                    loss_val, norm_val = dist.reduce_mean(loss_sum, self.dist), float(norm)  # [issue 9] mean over ranks
                     if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
                         self._skip_step(opt, log, loss_val, norm_val)
                         continue
@@ -370,9 +396,9 @@ class Trainer:
                         or out_of_time
                     )
                     if is_eval:
-                        t_eval = time.time()
+                        c_eval = self._clock()
                         val_loss = self.evaluate()
-                        last_eval_s = time.time() - t_eval
+                        last_eval_s = self._clock() - c_eval  # on the budget's clock
                         log.log(
                             "eval", self.step, val_loss=val_loss, tokens=self.tokens_seen, eval_s=last_eval_s
                         )
@@ -405,7 +431,7 @@ class Trainer:
                 signal.signal(s, h)
         if self._stop_signal is not None and last_ckpt_step != self.step:
             self.save_checkpoint()
-        wall = time.time() - self._session_start
+        wall = time.time() - wall_start
         self.train_time_s, self._session_start = self.elapsed(), None
         summary = {
             "step": self.step,

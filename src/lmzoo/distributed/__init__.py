@@ -1,0 +1,14 @@
+"""Training on several processes with PyTorch's own engine (torch.distributed), from outside the model.
+
+Launch with ``torchrun --nproc_per_node=N -m lmzoo train --parallel.mode=ddp ...``; see
+docs/distributed.md for each mode (ddp, fsdp, tp, pp) and what it shards.
+"""
+
+from .parallelize import clip_grad_norm, full_value, gradient_sync, parallelize, parallelize_for_trainer
+from .runtime import MODES, DistContext, ParallelConfig, check_layout, main_first, reduce_mean, setup, teardown
+
+__all__ = [
+    "MODES", "DistContext", "ParallelConfig", "check_layout", "clip_grad_norm", "full_value", "gradient_sync",
+    "main_first",
+    "parallelize", "parallelize_for_trainer", "reduce_mean", "setup", "teardown",
+]

@@ -1,0 +1,177 @@
+"""Instruction tuning: prompt/response and chat data, loss on the responses only, packing.
+
+**Data.** JSONL, one example a line, either ``{"prompt": ..., "response": ...}`` or a chat
+``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``.
+
+**Template** (plain text, so any tokenizer encodes it; ``<|endoftext|>`` is the tokenizer's end token)::
+
+    <|system|>\\n{content}\\n          (optional, once, first)
+    <|user|>\\n{content}\\n
+    <|assistant|>\\n{content}<|endoftext|>
+    ... more user/assistant turns ...
+
+**Response-only loss.** The model should learn to *answer*, not to predict the user's words: a target
+is the next token where that token belongs to an assistant turn (its content and its end token), and
+``-1`` elsewhere; ``lm_loss`` ignores ``-1``. The header ``<|assistant|>\\n`` itself is prompt.
+
+**Packing.** Short examples are concatenated into rows of ``block_size + 1`` tokens (an example never
+straddles two rows; the rest of a row is padding with target -1), so few positions are wasted. Packed
+examples can attend to earlier examples in the row (the usual, cheap packing); the end token separates
+them and the model learns that what comes before it is unrelated.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+from ..tokenizer import EOT
+
+Message = dict[str, str]
+
+
+def read_jsonl(path: str | Path) -> list[list[Message]]:
+    """Examples of a JSONL file as chats (a prompt/response line becomes a user and an assistant turn)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+        out.append(to_messages(row, f"{path}:{n}"))
+    return out
+
+
+def to_messages(row: dict[str, Any], where: str = "example") -> list[Message]:
+    """``{"prompt", "response"}`` or ``{"messages": [...]}`` -> a list of ``{"role", "content"}``."""
+    if "messages" in row:
+        msgs = row["messages"]
+        for m in msgs:
+            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: each message needs role system/user/assistant and a string content")
+        return msgs
+    if "prompt" in row and "response" in row:
+        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+    raise DataError(f"{where}: expected keys prompt/response or messages, got {sorted(row)}")
+
+
+def encode_chat(tok, messages: Sequence[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids of a chat in the template, and per token whether it is trained on (assistant content
+    and its end token). ``add_generation_prompt`` ends with ``<|assistant|>\\n`` (for generation)."""
+    end = tok.encode(EOT, allow_special=True)
+    ids: list[int] = []
+    mask: list[bool] = []
+
+    def add(piece: list[int], train: bool) -> None:
+        ids.extend(piece)
+        mask.extend([train] * len(piece))
+
+    for m in messages:
+        add(tok.encode(f"<|{m['role']}|>\n"), False)
+        if m["role"] == "assistant":
+            add(tok.encode(m["content"]), True)
+            add(end, True)
+        else:
+            add(tok.encode(m["content"] + "\n"), False)
+    if add_generation_prompt:
+        add(tok.encode("<|assistant|>\n"), False)
+    return ids, mask
+
+
+def pack(
+    examples: Sequence[tuple[list[int], list[bool]]], block_size: int, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy packing into ``(inputs (N, block_size), targets (N, block_size))`` int64 tensors.
+
+    ``targets[n, t]`` is token t+1 of row n where that token is trained on, else -1. An example longer
+    than ``block_size + 1`` tokens raises DataError (truncating would cut the response).
+    """
+    rows: list[tuple[list[int], list[bool]]] = []
+    cur_ids: list[int] = []
+    cur_mask: list[bool] = []
+    for ids, mask in examples:
+        if len(ids) > block_size + 1:
+            raise DataError(f"an example of {len(ids)} tokens does not fit block_size {block_size} + 1")
+        if len(cur_ids) + len(ids) > block_size + 1:
+            rows.append((cur_ids, cur_mask))
+            cur_ids, cur_mask = [], []
+        cur_ids, cur_mask = cur_ids + ids, cur_mask + mask
+    if cur_ids:
+        rows.append((cur_ids, cur_mask))
+    x = torch.full((len(rows), block_size + 1), pad_id, dtype=torch.long)
+    keep = torch.zeros((len(rows), block_size + 1), dtype=torch.bool)
+    for n, (ids, mask) in enumerate(rows):
+        x[n, : len(ids)] = torch.tensor(ids)
+        keep[n, : len(mask)] = torch.tensor(mask)
+    targets = torch.where(keep[:, 1:], x[:, 1:], torch.full_like(x[:, 1:], -1))
+    return x[:, :-1].contiguous(), targets.contiguous()
+
+
+def make_task(kind: str, n: int, seed: int = 0, length: int = 4) -> list[list[Message]]:
+    """A generated instruction set: ``"reverse"`` (reverse a lowercase word of ``length`` letters) or
+    ``"add"`` (sum of two 2-digit numbers)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if kind == "reverse":
+            word = "".join(rng.choice("abcdefghij") for _ in range(length))
+            prompt, response = f"reverse {word}", word[::-1]
+        elif kind == "add":
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            prompt, response = f"{a}+{b}", str(a + b)
+        else:
+            raise DataError(f"unknown task {kind!r} (reverse, add)")
+        out.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    return out
+
+
+@torch.no_grad()
+def exact_match(model, tok, chats: Sequence[Sequence[Message]], max_new_tokens: int = 8) -> float:
+    """Fraction of chats whose last assistant turn the model reproduces exactly (greedy decoding,
+    stopping at the end token) given everything before it."""
+    from ..generate import generate
+
+    was_training = model.training
+    model.eval()
+    end = tok.encode(EOT, allow_special=True)[-1]
+    prompts = [encode_chat(tok, c[:-1], add_generation_prompt=True)[0] for c in chats]
+    outs = generate(model, prompts, max_new_tokens, temperature=0, stop_tokens=[end])
+    hits = sum(tok.decode([t for t in o if t != end]) == c[-1]["content"] and end in o for o, c in zip(outs, chats))
+    model.train(was_training)
+    return hits / len(chats)
+
+
+def tune(
+    model, inputs: torch.Tensor, targets: torch.Tensor, steps: int, lr: float = 1e-3, batch_size: int = 32,
+    weight_decay: float = 0.0, seed: int = 0, log_every: int = 0,
+) -> list[float]:
+    """A minimal AdamW loop over packed rows (random batches), training what ``requires_grad``.
+
+    The shared :class:`lmzoo.train.Trainer` reads token streams from disk; masked, packed instruction
+    rows are held here in memory instead. Returns the loss of every step.
+    """
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    device = next(model.parameters()).device
+    model.train()
+    losses = []
+    for step in range(steps):
+        rows = torch.randint(0, inputs.shape[0], (batch_size,), generator=g)
+        loss = model(inputs[rows].to(device), targets=targets[rows].to(device)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log_every and step % log_every == 0:
+            print(f"step {step}: loss {loss.item():.4f}")
+    return losses

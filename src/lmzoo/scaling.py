@@ -1,0 +1,198 @@
+"""Scaling laws: fit L(N, D) = E + A / N^alpha + B / D^beta to a sweep, and plan compute-optimal runs.
+
+Hoffmann et al. 2022 ("Training Compute-Optimal Large Language Models"), approach 3: train models
+of several sizes N (parameters) on several token budgets D, then fit the parametric loss by
+minimizing the Huber loss (delta = 1e-3) of the *log* residual
+
+    r_i = log( exp(a - alpha log N_i) + exp(b - beta log D_i) + exp(e) ) - log L_i
+
+with A = exp(a), B = exp(b), E = exp(e), by L-BFGS from a grid of starting points (the objective is
+not convex; the best of the local optima wins). Huber, not squares: a few diverged or under-tuned
+runs should not drag the fit. Under C = 6 N D the loss is lowest at
+
+    N_opt(C) = G (C / 6)^(beta / (alpha + beta)),  D_opt = C / (6 N_opt),  G = (alpha A / (beta B))^(1 / (alpha + beta))
+
+(the compute-optimal frontier). :mod:`lmzoo.train.chinchilla` holds the paper's own fitted values.
+
+The sweep's models come from one dial, :func:`depth_config` (nanochat's): depth sets width, heads
+and the learning rate, so "a bigger model" is one number. docs/scaling-laws.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+
+HUBER_DELTA = 1e-3
+
+
+@dataclasses.dataclass
+class ScalingFit:
+    """Fitted L(N, D) = E + A / N^alpha + B / D^beta and its compute-optimal frontier."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    objective: float = math.nan  # the summed Huber loss at the optimum
+
+    def loss(self, n: float | np.ndarray, d: float | np.ndarray) -> float | np.ndarray:
+        return self.E + self.A / np.power(n, self.alpha) + self.B / np.power(d, self.beta)
+
+    def optimal(self, flops: float | np.ndarray) -> tuple[float | np.ndarray, float | np.ndarray]:
+        """(N_opt, D_opt) for a compute budget of ``flops`` (C = 6 N D)."""
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        n = g * np.power(np.asarray(flops, dtype=float) / 6.0, self.beta / (self.alpha + self.beta))
+        return n, np.asarray(flops, dtype=float) / (6.0 * n)
+
+    def tokens_per_param(self, flops: float) -> float:
+        n, d = self.optimal(flops)
+        return float(d / n)
+
+
+def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):
+    """Summed Huber loss of the log residuals and its gradient in (a, b, e, alpha, beta)."""
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])  # (3, k)
+    top = terms.max(0)
+    w = np.exp(terms - top)
+    lse = top + np.log(w.sum(0))
+    w = w / w.sum(0)  # d lse / d term
+    r = lse - log_l
+    small = np.abs(r) <= delta
+    f = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum()
+    dr = np.where(small, r, delta * np.sign(r))  # Huber'(r)
+    grad = np.array([
+        (dr * w[0]).sum(), (dr * w[1]).sum(), (dr * w[2]).sum(),
+        -(dr * w[0] * log_n).sum(), -(dr * w[1] * log_d).sum(),
+    ])
+    return f, grad
+
+
+def fit_scaling_law(
+    params: Sequence[float], tokens: Sequence[float], losses: Sequence[float], delta: float = HUBER_DELTA,
+    grid: dict[str, Sequence[float]] | None = None,
+) -> ScalingFit:
+    """Fit L(N, D) to runs ``(params[i], tokens[i]) -> losses[i]`` (Hoffmann et al.'s approach 3).
+
+    ``grid``: starting values for a, b, e (logs of A, B, E), alpha and beta; the default (32
+    starts) is a much coarser version of the paper's 4500-point grid, enough for sweeps of a few
+    dozen runs (a start costs ~0.1 s, ~3 s on a saturated CPU). Needs >= 5 runs (5 unknowns) and scipy.
+    """
+    from scipy.optimize import minimize
+
+    n, d, loss = (np.asarray(x, dtype=np.float64) for x in (params, tokens, losses))
+    if not (n.shape == d.shape == loss.shape) or n.size < 5:
+        raise ConfigError(f"a scaling fit needs >= 5 runs with N, D and loss each; got {n.size}")
+    if (n <= 0).any() or (d <= 0).any() or (loss <= 0).any():
+        raise ConfigError("parameters, tokens and losses must all be positive")
+    grid = grid or {
+        "a": (0.0, 5.0, 10.0, 15.0), "b": (0.0, 5.0, 10.0, 15.0), "e": (-1.0, 0.5),
+        "alpha": (0.5,), "beta": (0.5,),
+    }
+    args = (np.log(n), np.log(d), np.log(loss), delta)
+    best = None
+    for start in itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"]):
+        res = minimize(_objective, np.array(start), args=args, jac=True, method="L-BFGS-B",
+                       bounds=[(None, None)] * 3 + [(1e-3, 3.0)] * 2, options={"maxiter": 500, "gtol": 1e-12})
+        if best is None or res.fun < best.fun:
+            best = res
+    a, b, e, alpha, beta = best.x
+    return ScalingFit(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha), beta=float(beta),
+                      objective=float(best.fun))
+
+
+def depth_config(depth: int, aspect: int = 64, head_dim: int = 64, base_lr: float = 3e-3,
+                 base_width: int = 256) -> dict[str, float | int]:
+    """nanochat's single dial: ``depth`` layers, width ``depth * aspect``, heads of ``head_dim``.
+
+    The learning rate shrinks as width^-1/2 from ``base_lr`` at ``base_width`` (AdamW's update
+    per weight is ~lr, so a wider layer sums more of them: keeping lr * sqrt(width) fixed keeps
+    each layer's output change about constant; nanochat scales its AdamW lrs the same way).
+    Returns GPT model_args (``n_layer``, ``n_head``, ``n_embd``) and ``lr``.
+    """
+    if depth < 1 or aspect < 1 or head_dim < 1:
+        raise ConfigError(f"depth, aspect and head_dim must be >= 1, got {depth}, {aspect}, {head_dim}")
+    width = depth * aspect
+    n_head = max(1, width // head_dim)
+    width = n_head * head_dim if width >= head_dim else width  # a whole number of heads
+    return {"n_layer": depth, "n_embd": width, "n_head": n_head if width >= head_dim else 1,
+            "lr": base_lr * (width / base_width) ** -0.5}
+
+
+def isoflop_grid(flops: Sequence[float], params: Sequence[float]) -> list[tuple[float, float]]:
+    """(N, D) pairs that spend each budget in ``flops`` on each model size: D = C / (6 N)."""
+    return [(n, c / (6.0 * n)) for c in flops for n in params]
+
+
+def plot_fit(fit: ScalingFit, params: Sequence[float], tokens: Sequence[float], losses: Sequence[float],
+             path: str) -> None:
+    """Two panels: measured loss vs tokens per model size with the fitted curves; the frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, d, loss = (np.asarray(x, dtype=float) for x in (params, tokens, losses))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for size in sorted(set(n.tolist())):
+        sel = n == size
+        dd = np.geomspace(d[sel].min() / 1.5, d[sel].max() * 1.5, 50)
+        line = ax1.plot(dd, fit.loss(size, dd), lw=1)[0]
+        ax1.scatter(d[sel], loss[sel], color=line.get_color(), s=14, label=f"N={size:.3g}")
+    ax1.set(xscale="log", xlabel="training tokens D", ylabel="val loss",
+            title=f"L = {fit.E:.2f} + {fit.A:.3g}/N^{fit.alpha:.2f} + {fit.B:.3g}/D^{fit.beta:.2f}")
+    ax1.legend(fontsize=7)
+    c = np.geomspace((6 * n * d).min() / 3, (6 * n * d).max() * 30, 50)
+    n_opt, d_opt = fit.optimal(c)
+    ax2.plot(c, n_opt, label="N_opt")
+    ax2.plot(c, d_opt, label="D_opt")
+    ax2.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", title="compute-optimal frontier")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_sweep(
+    source: str, out_dir: str, depths: Sequence[int] = (1, 2, 3), steps: Sequence[int] = (40, 80, 160),
+    aspect: int = 32, head_dim: int = 16, batch_size: int = 8, block_size: int = 64, tokenizer: str = "char",
+    log=print,
+) -> list[dict[str, float]]:
+    """Train one GPT per (depth, steps) pair on ``source``; each a finished cosine run. Returns
+    ``{"depth", "params", "tokens", "val_loss", "wall_s"}`` per run (``log`` gets each as it ends).
+
+    Each point must be a finished schedule (approach 3 fits final losses): intermediate points of
+    one long run would carry an unfinished learning-rate decay.
+    """
+    import time
+    from pathlib import Path
+
+    from .train import TrainConfig, Trainer
+
+    runs = []
+    for depth in depths:
+        dial = depth_config(depth, aspect, head_dim)
+        for n_steps in steps:
+            cfg = TrainConfig(
+                model="gpt2-char-cpu", model_args={k: dial[k] for k in ("n_layer", "n_embd", "n_head")},
+                source=source, tokenizer=tokenizer, data_dir=str(Path(out_dir) / "data"),
+                out_dir=str(Path(out_dir) / f"d{depth}-s{n_steps}"), max_steps=n_steps, eval_interval=0,
+                eval_iters=10, batch_size=batch_size, block_size=block_size, lr=dial["lr"], min_lr=dial["lr"] / 10,
+                warmup_steps=max(1, n_steps // 10), progress=False, sample_tokens=0, threads=1, keep_last=1,
+            )
+            t0 = time.time()
+            trainer = Trainer(cfg)
+            summary = trainer.train()
+            run = {"depth": depth, "params": trainer.model.num_params(), "tokens": n_steps * batch_size * block_size,
+                   "val_loss": summary["val_loss"], "wall_s": round(time.time() - t0, 1)}
+            log(run)
+            runs.append(run)
+    return runs

@@ -1,0 +1,65 @@
+"""lmzoo finetune: LoRA through the shared trainer, adapter written, resumable; full with frozen parts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmzoo
+from lmzoo.peft.finetune import finetune
+from lmzoo.peft.lora import load_adapter
+from lmzoo.tokenizer import ByteTokenizer
+
+
+def _base(tmp_path):
+    torch.manual_seed(0)
+    model = lmzoo.build("gpt2-debug", vocab_size=257)
+    lmzoo.save(model, tmp_path / "base", ByteTokenizer())
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    return text
+
+
+def _args(tmp_path, text, **kw):
+    args = dict(source=str(text), tokenizer="byte", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"),
+                max_steps=4, batch_size=4, block_size=32, eval_interval=2, eval_iters=1, warmup_steps=0,
+                sample_tokens=0, progress=False, device="cpu")
+    return {**args, **kw}
+
+
+def test_lora_finetune_writes_adapter_and_resumes(tmp_path):
+    text = _base(tmp_path)
+    s = finetune(tmp_path / "base", method="lora", target="attn.qkv|mlp.fc", r=2, **_args(tmp_path, text))
+    assert s["trainable"] == 2 * (2 * (32 + 64) + 2 * (32 + 128))
+    model = load_adapter(lmzoo.load(tmp_path / "base"), s["adapter_dir"])
+    assert any(m.lora_B.abs().sum() > 0 for n, m in model.named_modules() if hasattr(m, "lora_B"))
+    s2 = finetune(tmp_path / "base", method="lora", target="attn.qkv|mlp.fc", r=2,
+                  **_args(tmp_path, text, max_steps=6, resume=True))
+    assert s2["step"] == 6
+
+
+def test_full_finetune_with_frozen_embeddings(tmp_path):
+    text = _base(tmp_path)
+    s = finetune(tmp_path / "base", method="full", freeze=r"^wte\.|^wpe\.", **_args(tmp_path, text))
+    base = lmzoo.build("gpt2-debug", vocab_size=257)
+    assert s["trainable"] == base.num_params() - base.wte.weight.numel() - base.wpe.weight.numel()
+
+
+def test_cli_finetune_lora(tmp_path, capsys):
+    from lmzoo.cli import main
+
+    text = _base(tmp_path)
+    args = _args(tmp_path, text)
+    extra = [f"--{k}={v}" for k, v in args.items()]
+    assert main(["finetune", str(tmp_path / "base"), "--method=qlora", "--target=attn.proj", "--r=2", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "adapter:" in out and (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_lora_finetune_from_a_hugging_face_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    text = _base(tmp_path)
+    cfg = transformers.GPT2Config(vocab_size=257, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hf")
+    s = finetune(tmp_path / "hf", method="lora", target="attn.qkv", r=2, **_args(tmp_path, text))
+    assert s["step"] == 4 and s["trainable"] == 2 * 2 * (32 + 96)
