@@ -235,7 +235,7 @@ class GPT(LanguageModel):
         each block adds two projections, so 2 * n_layer terms are summed.
         """
         std = self.config.init_std
-        for name, m in self.named_modules():
+        for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
                 if getattr(m, "bias", None) is not None:
