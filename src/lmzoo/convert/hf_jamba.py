@@ -36,7 +36,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..models.jamba import JambaConfig
-from .io import check_shape
+from .io import check_shape, split_fused_experts
 
 PREFIX = "model."
 LM_HEAD = "lm_head.weight"
@@ -216,23 +216,11 @@ class JambaConverter:
             raise CheckpointError(f"missing tensor(s) {', '.join(missing[:5])}")
 
     @staticmethod
-    def _split_experts(
-        hf_name: str, layer: int, kind: str, t: torch.Tensor, cfg: JambaConfig, expected: Mapping[str, tuple]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """transformers 5's fused ``gate_up_proj`` (E, 2I, C), ``down_proj`` (E, C, I) -> per expert."""
-        E, H, C = cfg.n_experts, cfg.mlp_hidden, cfg.n_embd
+    def _split_experts(hf_name, layer, kind, t, cfg, expected) -> Iterator[tuple[str, torch.Tensor]]:
         if f"blocks.{layer}.ffn.router.weight" not in expected:
             raise CheckpointError(f"unexpected tensor {hf_name!r}: the model has no experts in layer {layer}")
         prefix = f"blocks.{layer}.ffn.experts"
-        if kind == "gate_up_proj":
-            check_shape(hf_name, t, (E, 2 * H, C))
-            for e in range(E):  # clone: a view would keep the whole fused tensor alive
-                yield f"{prefix}.{e}.gate.weight", t[e, :H].clone()
-                yield f"{prefix}.{e}.up.weight", t[e, H:].clone()
-        else:
-            check_shape(hf_name, t, (E, C, H))
-            for e in range(E):
-                yield f"{prefix}.{e}.down.weight", t[e].clone()
+        yield from split_fused_experts(hf_name, kind, t, prefix, cfg.n_experts, cfg.mlp_hidden, cfg.n_embd)
 
     def state_to_hf(
         self, state: Mapping[str, torch.Tensor], cfg: JambaConfig

@@ -223,3 +223,23 @@ def write_hf_dir(
         del cpu
         (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return d
+
+
+def split_fused_experts(
+    hf_name: str, kind: str, t: torch.Tensor, prefix: str, n_experts: int, hidden: int, dim: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers 5's fused expert tensors -> lmzoo's per-expert weights under ``prefix``.
+
+    ``gate_up_proj`` (E, 2H, C) gives ``{prefix}.{e}.gate/up.weight``; ``down_proj`` (E, C, H) gives
+    ``{prefix}.{e}.down.weight``. Each slice is cloned: a view would keep the whole fused tensor alive.
+    """
+    E, H, C = n_experts, hidden, dim
+    if kind == "gate_up_proj":
+        check_shape(hf_name, t, (E, 2 * H, C))
+        for e in range(E):
+            yield f"{prefix}.{e}.gate.weight", t[e, :H].clone()
+            yield f"{prefix}.{e}.up.weight", t[e, H:].clone()
+    else:
+        check_shape(hf_name, t, (E, C, H))
+        for e in range(E):
+            yield f"{prefix}.{e}.down.weight", t[e].clone()
