@@ -1,7 +1,9 @@
-"""Distillation: the KL term against a hand computation, the combined loss, top-k logits on disk."""
+"""Distillation: the KL term against a hand computation, the combined loss, top-k logits on disk, and
+`lmzoo finetune --teacher` through the shared trainer."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -58,3 +60,58 @@ def test_sequence_level_data_is_the_teachers_greedy_continuation():
     seqs = teacher_sequences(teacher, [[1, 2, 3], [4, 5]], max_new_tokens=5)
     assert seqs[0][:3] == [1, 2, 3] and len(seqs[0]) == 8
     assert seqs[1][2:] == generate(teacher, [[4, 5]], 5, temperature=0)[0]
+
+
+def _teacher_and_text(tmp_path, vocab_size=257):
+    from lmzoo.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    lmzoo.save(lmzoo.build("gpt2-debug", vocab_size=vocab_size), tmp_path / "teacher", ByteTokenizer())
+    text = tmp_path / "t.txt"
+    text.write_text("a stitch in time saves nine; " * 300)
+    return [f"--source={text}", "--tokenizer=byte", f"--data_dir={tmp_path / 'data'}", "--block_size=32",
+            "--batch_size=4", "--eval_iters=1", "--warmup_steps=0", "--device=cpu", "--progress=false"]
+
+
+def _train_records(run):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_cli_distills_through_the_trainer(tmp_path):
+    """A student that starts equal to its teacher has KL 0 at step 1; the logged loss is
+    alpha * CE + (1 - alpha) * T^2 * KL of its parts; a fresh preset student's distillation loss falls."""
+    from lmzoo.cli import main
+
+    common = _teacher_and_text(tmp_path)
+    teacher = str(tmp_path / "teacher")
+    same = ["finetune", teacher, "--method=full", f"--teacher={teacher}", "--kd-alpha=0.3", "--temperature=2",
+            "--max_steps=2", f"--out_dir={tmp_path / 'same'}", *common]
+    assert main(same) == 0
+    first = _train_records(tmp_path / "same")[0]
+    assert abs(first["kl"]) < 1e-6 and abs(first["loss"] - 0.3 * first["ce"]) < 1e-5
+
+    fresh = ["finetune", "gpt2-debug", f"--teacher={teacher}", "--kd-alpha=0.5", "--temperature=2",
+             "--max_steps=5", "--lr=3e-3", f"--out_dir={tmp_path / 'fresh'}", *common]
+    assert main(fresh) == 0
+    recs = _train_records(tmp_path / "fresh")
+    for r in recs:
+        assert abs(r["loss"] - (0.5 * r["ce"] + 0.5 * 4.0 * r["kl"])) < 1e-4
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    student = lmzoo.load(tmp_path / "fresh")
+    assert student.config.n_embd == 32 and student.config.vocab_size == 257  # the teacher's vocabulary
+
+
+def test_cli_refuses_a_teacher_with_another_vocabulary(tmp_path, capsys):
+    from lmzoo.cli import main
+    from lmzoo.tokenizer import ByteTokenizer
+
+    common = _teacher_and_text(tmp_path)
+    lmzoo.save(lmzoo.build("gpt2-debug", vocab_size=300), tmp_path / "student", ByteTokenizer())
+    code = main(["finetune", str(tmp_path / "student"), "--method=full", f"--teacher={tmp_path / 'teacher'}",
+                 f"--out_dir={tmp_path / 'run'}", *common])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "vocab_size 257" in err and "student's 300" in err
+    code = main(["finetune", "gpt2-debug", f"--teacher={tmp_path / 'teacher'}", "--kd-alpha=1.5",
+                 f"--out_dir={tmp_path / 'run'}", *common])
+    assert code == 2 and "alpha must be in [0, 1]" in capsys.readouterr().err

@@ -63,3 +63,15 @@ def test_lora_finetune_from_a_hugging_face_directory(tmp_path):
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hf")
     s = finetune(tmp_path / "hf", method="lora", target="attn.qkv", r=2, **_args(tmp_path, text))
     assert s["step"] == 4 and s["trainable"] == 2 * 2 * (32 + 96)
+
+
+def test_data_in_another_tokenizer_is_refused(tmp_path, capsys):
+    from lmzoo.cli import main
+
+    text = _base(tmp_path)  # the base was saved with the byte tokenizer
+    extra = [f"--{k}={v}" for k, v in _args(tmp_path, text, tokenizer="char").items()]
+    code = main(["finetune", str(tmp_path / "base"), "--method=full", *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lmzoo:")]  # (tqdm writes progress there too)
+    assert code == 2 and len(lines) == 1 and "not in the base model's or teacher's tokenizer" in lines[0]
+    assert "Traceback" not in err

@@ -9,7 +9,8 @@ import torch
 
 import lmzoo
 from lmzoo.errors import DataError
-from lmzoo.peft.instruct import encode_chat, exact_match, make_task, pack, read_jsonl, tune
+from lmzoo.peft.finetune import finetune
+from lmzoo.peft.instruct import encode_chat, exact_match, instruct_loaders, make_task, pack, read_jsonl
 from lmzoo.tokenizer import ByteTokenizer
 
 
@@ -43,15 +44,67 @@ def test_reads_prompt_response_and_chat_jsonl(tmp_path):
         read_jsonl(p)
 
 
-def test_tuning_teaches_string_reversal():
-    """Held-out (unseen words) exact match: 0% before, >= 80% after 250 steps (see docs/instruction-tuning.md)."""
+def _write(path, chats):
+    path.write_text("\n".join(json.dumps({"messages": c}) for c in chats))
+    return path
+
+
+def test_tuning_teaches_string_reversal(tmp_path):
+    """Held-out (unseen words) exact match: 0% before, >= 80% after 250 steps of the shared trainer
+    (``finetune(instruct=...)``; see docs/instruction-tuning.md)."""
     torch.manual_seed(0)
     tok = ByteTokenizer()
     held = make_task("reverse", 100, seed=1, length=3)
     unseen = {c[0]["content"] for c in held}
     train = [c for c in make_task("reverse", 2000, seed=0, length=3) if c[0]["content"] not in unseen]
-    x, y = pack([encode_chat(tok, c) for c in train], block_size=64)
     model = lmzoo.build("gpt2-debug", vocab_size=257, block_size=64, n_embd=64, n_head=4, n_kv_head=4)
     assert exact_match(model, tok, held) == 0.0
-    tune(model, x, y, steps=250, lr=3e-3, batch_size=16)
-    assert exact_match(model, tok, held) >= 0.8
+    lmzoo.save(model, tmp_path / "base", tok)
+    s = finetune(tmp_path / "base", method="full", instruct=_write(tmp_path / "train.jsonl", train),
+                 instruct_val=_write(tmp_path / "val.jsonl", held), out_dir=str(tmp_path / "run"), max_steps=250,
+                 batch_size=16, lr=3e-3, schedule="constant", warmup_steps=0, weight_decay=0.0, eval_interval=250,
+                 eval_iters=2, seed=0, device="cpu", progress=False)
+    assert s["step"] == 250 and s["method"] == "full"
+    tuned = lmzoo.load(tmp_path / "run")  # the trainer's newest checkpoint
+    assert exact_match(tuned, tok, held) >= 0.8
+
+
+def test_trainer_loss_counts_response_tokens_only(tmp_path):
+    """The loss the trainer logs at step 1 equals the CE over response tokens of its first batch."""
+    import lmzoo.cli
+
+    tok = ByteTokenizer()
+    chats = make_task("add", 40, seed=0)
+    torch.manual_seed(0)
+    lmzoo.save(lmzoo.build("gpt2-debug", vocab_size=257, block_size=64), tmp_path / "base", tok)
+    data = _write(tmp_path / "d.jsonl", chats)
+    args = ["finetune", str(tmp_path / "base"), "--method=full", f"--instruct={data}", "--max_steps=2",
+            "--batch_size=4", "--eval_iters=1", "--seed=3", "--device=cpu", "--progress=false",
+            f"--out_dir={tmp_path / 'run'}"]
+    assert lmzoo.cli.main(args) == 0
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r["loss"] for r in rec if r["kind"] == "train")
+    train, _ = instruct_loaders(tok, data, 64, 4, seed=3)
+    x, y = train.batch_at(0)
+    logits = lmzoo.load(tmp_path / "base")(x).logits
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 257), y.reshape(-1), ignore_index=-1)
+    assert abs(logged - ce.item()) < 1e-4
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 257), x[:, 1:].reshape(-1))
+    assert abs(full.item() - ce.item()) > 0.05  # counting the prompt tokens would log another loss
+    assert (y >= 0).sum() < (y.numel() / 2)  # most positions are prompt or padding, not trained on
+    # resumable like any run: the packed loader's position is in the checkpoint
+    assert lmzoo.cli.main([*args[:-1], "--max_steps=4", "--resume", f"--out_dir={tmp_path / 'run'}"]) == 0
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_cli_bad_instruction_file_is_one_line(tmp_path, capsys):
+    import lmzoo.cli
+
+    lmzoo.save(lmzoo.build("gpt2-debug", vocab_size=257), tmp_path / "base", ByteTokenizer())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
+    code = lmzoo.cli.main(["finetune", str(tmp_path / "base"), f"--instruct={bad}", f"--out_dir={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "bad.jsonl:2: not JSON" in err and "Traceback" not in err

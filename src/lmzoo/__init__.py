@@ -22,11 +22,11 @@ from .models import build
 __version__ = "0.1.0"
 
 
-def from_hf(path, dtype=None, device="cpu"):
+def from_hf(path, dtype=None, device="cpu", check_memory=True):
     """Load a Hugging Face checkpoint directory (family detected from config.json)."""
     from .convert import from_hf as _from_hf
 
-    return _from_hf(path, dtype=dtype, device=device)
+    return _from_hf(path, dtype=dtype, device=device, check_memory=check_memory)
 
 
 def to_hf(model, path, dtype=None):

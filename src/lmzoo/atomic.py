@@ -2,13 +2,22 @@
 
 The pattern: write to a temporary name in the same directory, flush and fsync, then
 ``os.replace`` onto the final name (atomic on POSIX). A reader sees the old file or the new one.
+
+A directory cannot be renamed over a non-empty one. On Linux the two are swapped in one step
+(``renameat2(RENAME_EXCHANGE)``); elsewhere the old one is first moved into the temporary
+directory, which leaves a short window where a kill leaves no ``final`` at all:
+:func:`clean_stale` (called by the trainer when a run starts) moves it back. A kill also leaves the
+hidden ``.<name>.*.tmp`` directory itself behind; :func:`clean_stale` removes those too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +35,26 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_renameat2 = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError, AttributeError):
+        _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2``); False where unsupported."""
+    if _renameat2 is None:
+        return False
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # old kernel or file system
+        return False
+    raise OSError(err, f"could not swap {a} and {b}: {os.strerror(err)}")
 
 
 @contextlib.contextmanager
@@ -52,11 +81,11 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         else:
             raise FileNotFoundError(f"nothing was written for {final}")
         if final.is_dir() and not final.is_symlink():
-            # Directories cannot be replaced atomically over a non-empty one: move the old one
-            # aside first, then swap in the new one, then delete the old one.
-            old = tmp / "old"
-            os.replace(final, old)
-            os.replace(target, final)
+            # A directory cannot be renamed over a non-empty one: swap the two in one step where the
+            # OS can, else move the old one aside first (clean_stale repairs a kill in between).
+            if not exchange(target, final):
+                os.replace(final, tmp / "old")
+                os.replace(target, final)
         else:
             os.replace(target, final)
         fsync_dir(final.parent)
@@ -71,3 +100,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a directory so that no reader ever sees it half deleted: rename it away first."""
+    path = Path(path)
+    if not path.exists():
+        return
+    gone = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.replace(path, gone / "old")
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def clean_stale(directory: str | os.PathLike) -> list[str]:
+    """Repair what a kill inside :func:`atomic_path` or :func:`remove_tree` left in ``directory``.
+
+    Moves an old directory back where a kill fell between its two renames (so ``final`` exists again
+    with its previous content), then deletes the hidden ``.<name>.*.tmp`` leftovers. Only call it
+    when no other process is writing into ``directory``. Returns the names removed.
+    """
+    d = Path(directory)
+    removed = []
+    for tmp in sorted(d.glob(".*.tmp")):
+        if not tmp.is_dir():
+            continue
+        name = tmp.name[1:].rsplit(".", 2)[0]  # ".<name>.<random>.tmp" -> "<name>"
+        # atomic_path's window: the old directory moved aside, the new one (payload) not yet in place.
+        # (remove_tree leaves "old" without "payload": that directory was being deleted.)
+        if (tmp / "old").exists() and (tmp / "payload").exists() and not (d / name).exists():
+            os.replace(tmp / "old", d / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp.name)
+    if removed:
+        fsync_dir(d)
+    return removed

@@ -307,3 +307,79 @@ class HybridCache:
     def advance(self, T: int) -> None:
         self.kv.advance(T)
         self.ssm.advance(T)
+
+
+class StaticKVCache:
+    """A KV cache whose tensors keep one shape and one address from the first token to the last.
+
+    Same buffers as :class:`KVCache`, (n_layer, B, n_kv_head, max_len, head_dim), but the write
+    position lives on the device (``start``, a 0-d int64 tensor) and every step attends over all
+    ``max_len`` slots with a mask hiding the unwritten ones. A decode step then has the same
+    shapes, the same tensors and no Python number that changes from token to token: compiled once
+    and captured as a CUDA graph (``torch.compile(mode="reduce-overhead")``), it replays with no
+    host synchronization (lmzoo.fast_decode). Writes are ``index_copy_`` at ``start + arange(T)``;
+    the caller sizes ``max_len`` (an overflow is not checked: that would need a sync per token).
+    Same protocol as :class:`KVCache`; ``pos`` reads ``start`` back to the host (a sync: for
+    bookkeeping outside the compiled step, never inside it).
+    """
+
+    def __init__(self, cache: KVCache):
+        """The static twin of an empty :class:`KVCache`: its buffers and padding, the position on the device."""
+        self.k, self.v, self.pad, self.max_len = cache.k, cache.v, cache.pad, cache.max_len
+        self.start = torch.zeros((), dtype=torch.long, device=self.k.device)  # slots written so far
+        if self.k.device.type == "cuda":  # CUDA graphs may then read and write them in place, uncopied
+            for t in (self.k, self.v, self.start, self.pad):
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
+
+    @property
+    def pos(self) -> int:
+        return int(self.start)
+
+    @pos.setter
+    def pos(self, value: int) -> None:  # roll back (parallel decoders)
+        self.start.fill_(value)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def reset(self) -> None:
+        self.start.zero_()
+
+    def positions(self, T: int) -> torch.Tensor:
+        pos = self.start + torch.arange(T, device=self.k.device)
+        if self.pad is None:
+            return pos
+        return (pos[None, :] - self.pad[:, None]).clamp_min(0)
+
+    def mask(self, T: int, window: int | None = None) -> tuple[torch.Tensor, bool]:
+        """Bool (B or 1, 1, T, max_len) over every slot: written, causal, in the window, not padding."""
+        q = (self.start + torch.arange(T, device=self.k.device))[:, None]
+        kk = torch.arange(self.max_len, device=self.k.device)[None, :]
+        m = kk <= q  # (T, max_len): also hides the slots not written yet
+        if window is not None:
+            m = m & (q - kk < window)
+        if self.pad is not None:
+            real_key = kk[None] >= self.pad[:, None, None]
+            return (m[None] & (real_key | (kk == q)[None]))[:, None], False
+        return m[None, None], False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write T new keys/values at ``start``; return the whole buffers (B, n_kv, max_len, hd)."""
+        idx = self.start + torch.arange(k.shape[2], device=k.device)
+        self.k[layer].index_copy_(2, idx, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, idx, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+    def advance(self, T: int) -> None:
+        self.start += T
+
+
+def position_bound(cache, T: int) -> int:
+    """An upper bound of the positions of a cache's next T tokens, as a Python int (no sync).
+
+    ``pos + T``; for a :class:`StaticKVCache` its capacity, the same number at every step, so a
+    compiled decode step does not see a changing integer (which would recompile it).
+    """
+    return cache.max_len if isinstance(cache, StaticKVCache) else cache.pos + T

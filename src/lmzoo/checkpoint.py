@@ -14,16 +14,19 @@ at any moment leaves either the previous state or the new one, never a partial d
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, atomic_write_text
 from .config import read_json
+from .convert.io import DIGEST_KEY, corrupt_error, tensors_digest
 from .errors import CheckpointError, LmzooError
+from .memguard import check_fits
 from .models import build_model, config_from_dict, config_to_dict
 from .models.base import LanguageModel
 
@@ -49,12 +52,24 @@ def write_checkpoint(
     tokenizer=None,
     train_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    shards: Path | None = None,
 ) -> Path:
-    """Write a complete checkpoint directory atomically (a temp dir renamed into place)."""
+    """Write a complete checkpoint directory atomically (a temp dir renamed into place).
+
+    ``weights``: the tensors to write when ``model`` holds only shards of them (FSDP2, tensor or
+    pipeline parallel gather them first); ``shards``: a ``torch.distributed.checkpoint`` directory
+    written by every rank, moved in as ``dcp/`` (docs/distributed.md).
+    """
     directory = Path(directory)
     with atomic_path(directory) as tmp:
         tmp.mkdir()
-        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt", "lmzoo": "1"})
+        weights = model_state(model) if weights is None else weights
+        # a SHA-256 of the tensors in the header: load_weights refuses a file whose bytes changed since
+        meta = {"format": "pt", "lmzoo": "1", DIGEST_KEY: tensors_digest(weights)}
+        save_file(weights, str(tmp / WEIGHTS), metadata=meta)
+        if shards is not None:
+            os.replace(shards, tmp / "dcp")
         cfg = config_to_dict(model)
         quant = getattr(model, "quantization", None)  # layers rewritten from outside (lmzoo.quant)
         if quant:
@@ -104,6 +119,8 @@ def read_config(directory: str | Path) -> tuple[str, Any, dict[str, Any]]:
         raw = read_json(d / CONFIG)
     except LmzooError as e:
         raise CheckpointError(str(e)) from None
+    if not isinstance(raw.get("lmzoo") or {}, dict):
+        raise CheckpointError(f"{d / CONFIG}: 'lmzoo' must be a mapping of lmzoo settings")
     raw_cfg = {k: v for k, v in raw.items() if k != "lmzoo"}
     try:
         family, cfg = config_from_dict(raw_cfg)
@@ -119,8 +136,12 @@ def load_weights(model: LanguageModel, file: str | Path, strict: bool = True) ->
         raise CheckpointError(f"{file}: missing weights file")
     try:
         state = load_file(str(file))
+        with safe_open(str(file), framework="pt") as f:
+            digest = (f.metadata() or {}).get(DIGEST_KEY)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+    if digest is not None and tensors_digest(state) != digest:  # a flipped bit would load as a wrong weight
+        raise corrupt_error(file)
     expected = model.state_dict()
     tied = set(expected) - set(model_state(model))
     for k, v in state.items():
@@ -136,10 +157,18 @@ def load_weights(model: LanguageModel, file: str | Path, strict: bool = True) ->
     model.load_state_dict(state, strict=False)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LanguageModel:
-    """Load an lmzoo checkpoint (or the newest one of a run directory) as an eval-mode model."""
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         check_memory: bool = True) -> LanguageModel:
+    """Load an lmzoo checkpoint (or the newest one of a run directory) as an eval-mode model.
+
+    A model whose estimated memory exceeds what is available is refused before it is built
+    (lmzoo.memguard; ``check_memory=False`` or LMZOO_NO_MEMORY_CHECK=1 skips the check).
+    """
     d = resolve(path)
     family, cfg, raw = read_config(d)
+    check_fits(family, cfg, "cpu", where=str(d), check=check_memory)  # built in float32 on the CPU first
+    if torch.device(device).type != "cpu":
+        check_fits(family, cfg, device, dtype, where=str(d), check=check_memory)
     model = build_model(family, cfg)
     quant = (raw.get("lmzoo") or {}).get("quantization")
     if quant:  # rebuild the quantized layers before their weights load

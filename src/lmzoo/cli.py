@@ -8,11 +8,13 @@ overrides, checked against the typed config (an unknown key names the closest on
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_bench import add_bench_parser
 from .cli_info import cmd_info
 from .errors import ConfigError, LmzooError
 
@@ -38,6 +40,9 @@ def _train_config(args: argparse.Namespace, extra: list[str]):
     if getattr(args, "profile", False):
         overrides["profile"] = True
     merged = {**settings, **{k: v for k, v in overrides.items() if k != "model_args"}}
+    for where, d in ((args.config, settings), ("--model_args", overrides)):  # [issue 12] found by the fuzzer
+        if d.get("model_args") is not None and not isinstance(d["model_args"], dict):
+            raise ConfigError(f"{where}: model_args must be a mapping of preset overrides, got {d['model_args']!r}")
     if "model_args" in overrides or "model_args" in settings:
         merged["model_args"] = {**(settings.get("model_args") or {}), **overrides.get("model_args", {})}
     return TrainConfig.from_dict(merged)
@@ -47,6 +52,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .train import Trainer
 
     cfg = _train_config(args, extra)
+    if args.nproc != 1:  # [issue 9] re-run under torchrun with N workers (cli_dist.py)
+        from .cli_dist import launch
+
+        return launch(args, extra, cfg)
     trainer = Trainer(cfg)
     mcfg = trainer.model.config
     print(
@@ -67,7 +76,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
         tok = trainer.tokenizer
         prompt = _encode_prompt(tok, cfg.sample_prompt)
-        out = generate(trainer.model, [prompt], cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
+        from .checkpoint import load
+
+        # [issue 9] fsdp/tp/pp: rank 0 holds only shards or a stage; sample from the gathered checkpoint
+        model = load(cfg.out_dir, trainer.device) if trainer.par.sharded else trainer.model
+        out = generate(model, [prompt], cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
         print("--- sample ---")
         print(tok.decode(prompt + out[0]))
     return 0
@@ -174,7 +187,8 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = _train_config(args, extra)  # TrainConfig fields as --key=value (data, steps, lr, out_dir...)
     summary = finetune(
         args.base, method=args.method, target=args.target, r=args.r, alpha=args.alpha, dropout=args.dropout,
-        freeze=args.freeze, adapter=args.adapter, **cfg.to_dict(),
+        freeze=args.freeze, adapter=args.adapter, instruct=args.instruct, instruct_val=args.instruct_val,
+        teacher=args.teacher, kd_alpha=args.kd_alpha, temperature=args.temperature, **cfg.to_dict(),
     )
     print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, {summary['trainable']:,} trainable")
     if "adapter_dir" in summary:
@@ -196,19 +210,40 @@ def cmd_scale(args: argparse.Namespace, extra: list[str]) -> int:
     """[issue 9] A small scaling-law sweep, the approach-3 fit and its plot (docs/scaling-laws.md)."""
     import json
 
-    from .scaling import fit_scaling_law, plot_fit, run_sweep
+    from .data import load_meta, prepare
+    from .scaling import dial_params, fit_scaling_law, isoflop_plan, plot_fit, run_sweep
 
     if extra:
         raise ConfigError(f"scale: unrecognized arguments: {' '.join(extra)}")
+    if min(args.depths) < 1 or min(args.steps) < 1 or args.flops <= 0 or (args.budgets and min(args.budgets) <= 0):
+        raise ConfigError("scale: depths, steps and FLOP budgets must be positive")
+    data = Path(args.out) / "data"
+    plan = None
+    if args.budgets:  # IsoFLOP: per budget, each depth gets the steps that spend it
+        if not (data / "meta.json").is_file():
+            prepare(args.source, data, tokenizer=args.tokenizer, progress=False)
+        vocab = load_meta(data)["vocab_size"]
+        params = {d: dial_params(d, vocab, args.block_size, args.aspect, args.head_dim) for d in args.depths}
+        plan = [(r["depth"], r["steps"]) for r in isoflop_plan(args.budgets, params, args.batch_size * args.block_size)]
+    n_runs = len(plan) if plan is not None else len(args.depths) * len(args.steps)
+    if n_runs < 5:  # before any training: the fit has 5 unknowns
+        raise ConfigError(f"scale: the fit needs >= 5 runs, this sweep has {n_runs} (add depths, steps or budgets)")
     runs = run_sweep(args.source, args.out, args.depths, args.steps, args.aspect, args.head_dim, args.batch_size,
-                     args.block_size, tokenizer=args.tokenizer, log=lambda r: print(json.dumps(r), flush=True))
+                     args.block_size, tokenizer=args.tokenizer, log=lambda r: print(json.dumps(r), flush=True),
+                     plan=plan, data_dir=str(data))
     ns, ds, ls = ([r[k] for r in runs] for k in ("params", "tokens", "val_loss"))
     fit = fit_scaling_law(ns, ds, ls)
     n_opt, d_opt = fit.optimal(args.flops)
     print(f"L(N, D) = {fit.E:.3f} + {fit.A:.4g} / N^{fit.alpha:.3f} + {fit.B:.4g} / D^{fit.beta:.3f}")
     print(f"compute-optimal at {args.flops:.3g} FLOPs: {float(n_opt):,.0f} parameters, {float(d_opt):,.0f} tokens")
+    fit_json = Path(args.fit_json or Path(args.out) / "fit.json")
+    fit_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fit_json.with_name(fit_json.name + ".tmp")
+    tmp.write_text(json.dumps({**fit.summary((args.flops,)), "runs": runs}, indent=1) + "\n")
+    tmp.replace(fit_json)  # atomic: a reader never sees half a file
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     plot_fit(fit, ns, ds, ls, args.plot)
-    print(f"wrote {args.plot}")
+    print(f"wrote {fit_json} and {args.plot}")
     return 0
 
 
@@ -323,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML recipe of TrainConfig fields")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     t.add_argument("--profile", action="store_true", help="record a torch.profiler trace of a few steps")
+    t.add_argument("--nproc", type=int, default=1, help="processes on this machine, started with torchrun "
+                   "(with --parallel.mode=ddp|fsdp|tp|pp; docs/distributed.md)")
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("prepare", help="tokenize a corpus into train/val token files")
@@ -368,12 +405,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     f = sub.add_parser(
-        "finetune", help="fine-tune a checkpoint or HF directory: full, LoRA or QLoRA (docs/lora.md)",
+        "finetune", help="fine-tune a checkpoint or HF directory: full, LoRA, QLoRA; instruction data; distillation",
         description="Fine-tune with the shared trainer; TrainConfig fields as --key=value (e.g. --source=my.txt "
-        "--tokenizer=DIR --max_steps=200 --lr=2e-4 --out_dir=runs/ft). LoRA adapters go to <out_dir>/adapter.",
+        "--tokenizer=DIR --max_steps=200 --lr=2e-4 --out_dir=runs/ft). LoRA adapters go to <out_dir>/adapter. "
+        "docs/lora.md, docs/instruction-tuning.md, docs/distillation.md.",
     )
-    f.add_argument("base", help="lmzoo checkpoint / run directory, or a Hugging Face directory")
-    f.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
+    f.add_argument("base", help="lmzoo checkpoint / run directory, a Hugging Face directory, or a preset (a fresh "
+                   "model, e.g. a student for --teacher)")
+    f.add_argument("--method", choices=["full", "lora", "qlora"], default=None,
+                   help="default: lora for a directory, full for a preset")
+    f.add_argument("--instruct", default=None, help="instruction JSONL (prompt/response or messages): loss on the "
+                   "responses only, examples packed into block_size rows")
+    f.add_argument("--instruct-val", default=None, help="validation JSONL (default: the last 10%% of --instruct)")
+    f.add_argument("--teacher", default=None, help="distill from this checkpoint / HF directory (same tokenizer)")
+    f.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the data CE; 1 - it weighs T^2 * KL")
+    f.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
     f.add_argument("--target", default="attn.qkv|attn.proj", help="regex of the Linear module names to adapt")
     f.add_argument("--r", type=int, default=8, help="LoRA rank")
     f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha/r)")
@@ -405,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--batch-size", type=int, default=8)
     sc.add_argument("--block-size", type=int, default=64)
     sc.add_argument("--flops", type=float, default=1e15, help="budget to print the compute-optimal size for")
+    sc.add_argument("--budgets", type=float, nargs="+", help="IsoFLOP budgets C = 6ND (replace --steps)")
     sc.add_argument("--plot", default="scaling.png", help="output PNG")
+    sc.add_argument("--fit-json", default=None, help="the fit and frontier as JSON (default: OUT/fit.json)")
     sc.set_defaults(func=cmd_scale)
 
     ev = sub.add_parser("eval", help="perplexity, bits per byte and multiple-choice accuracy of a checkpoint",
@@ -468,7 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--template", choices=["transcript", "raw"], default="transcript", help="chat formatting")
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)
+    add_bench_parser(sub)  # lmzoo bench train|generate (cli_bench.py, docs/performance.md)
     return p
+
+
+def _one_line(msg: str) -> str:
+    """One line whatever a message holds (a user's value may carry \\r, \\x85, ...): control characters escaped."""
+    msg = msg.strip().replace("\n", " ")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in msg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -484,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"unrecognized argument {bad[0]!r} (settings are written --key=value)")
         return args.func(args, extra)
     except LmzooError as e:
-        msg = str(e).strip().replace("\n", " ")
+        msg = _one_line(str(e))
         print(f"lmzoo: error: {msg}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -493,9 +548,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: stop quietly
         os._exit(0)
     except OSError as e:  # disk full, permission denied, ...: one line, the previous state is intact
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"lmzoo: error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
+        where = f" ({str(e.filename)[:200]})" if e.filename else ""
+        print(f"lmzoo: error: {_one_line(str(e.strerror or e) + where)}", file=sys.stderr)
+        # a path the user gave that cannot be one (too long, a file where a directory belongs): a usage error
+        return 2 if e.errno in (errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EINVAL) else 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .errors import ConfigError
+from .memguard import MetaWithoutInit
 
 
 def _fmt_bytes(n: float) -> str:
@@ -41,7 +42,7 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
         from .models import build_model
         from .quant import apply_spec
 
-        with torch.device("meta"):
+        with MetaWithoutInit():  # shapes only, initializers skipped (fast at any size)
             model = build_model(family, cfg)
             if (raw.get("lmzoo") or {}).get("quantization"):  # e.g. BitNet: rebuild its layers
                 apply_spec(model, raw["lmzoo"]["quantization"])
@@ -50,7 +51,7 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
         if not args.preset:
             raise ConfigError("info: give a preset name (see `lmzoo info --list`) or --checkpoint DIR")
         preset_config(args.preset, **overrides)  # validate before building anything
-        with torch.device("meta"):
+        with MetaWithoutInit():  # shapes only, initializers skipped (fast at any size)
             model = build(args.preset, **overrides)
         name = args.preset
     cfg = model.config

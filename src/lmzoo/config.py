@@ -100,6 +100,26 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+# Upper bounds on size fields, wherever a config has them: far beyond any real model (the largest
+# published ones have ~10^2 layers, width ~3 * 10^4, vocabularies ~2.6 * 10^5), yet small enough that an
+# untrusted or mistyped config (n_layer: 1e9) is refused at once instead of building for hours or
+# allocating terabytes. Whether a config within these bounds fits the machine is lmzoo.memguard's call.
+SIZE_LIMITS: dict[str, int] = {
+    "n_layer": 4096, "n_embd": 1 << 20, "d_model": 1 << 20, "n_head": 1 << 16, "n_kv_head": 1 << 16,
+    "head_dim": 1 << 16, "d_head": 1 << 16, "vocab_size": 1 << 24, "block_size": 1 << 28, "mlp_hidden": 1 << 22,
+    "d_inner": 1 << 22, "n_experts": 1 << 16, "n_experts_per_tok": 1 << 16, "mem_len": 1 << 24,
+    "d_state": 1 << 16, "d_conv": 1 << 12, "expand": 1 << 10, "dt_rank": 1 << 20,
+}
+
+
+def check_sizes(cfg: Any) -> None:
+    """Raise ConfigError for a size field (see SIZE_LIMITS) that is negative or absurdly large."""
+    for name, limit in SIZE_LIMITS.items():
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= limit:
+            raise ConfigError(f"{name} must be in 0..{limit:,}, got {v:,}")
+
+
 @dataclasses.dataclass
 class Config:
     """Base class: subclasses are dataclasses and may override :meth:`validate`."""
@@ -108,6 +128,7 @@ class Config:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, _convert(f.name, getattr(self, f.name), hints[f.name]))
+        check_sizes(self)
         self.validate()
 
     def validate(self) -> None:

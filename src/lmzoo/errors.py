@@ -29,7 +29,13 @@ class CheckpointError(LmzooError):
     """A checkpoint or weights directory that is missing files, truncated or of another model."""
 
 
+class ResourceError(LmzooError):
+    """Out of memory (or another resource) for the sizes asked for; exit code 3, not a usage error."""
+
+    exit_code = 3
+
+
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean: a, b?)' for the closest names, or '' when nothing is close."""
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=0.5)  # name may be any value
     return f" (did you mean: {', '.join(close)}?)" if close else ""

@@ -78,8 +78,8 @@ def render_section(directory: str | Path, out_dir: str | Path) -> str:
 
 def render(dirs: list[str | Path], out: str | Path) -> str:
     """The whole page for experiment directories ``dirs`` (in the order given), to be written at ``out``."""
-    if not dirs:
-        raise DataError("report: give at least one experiment directory")
+    if not dirs or any(not str(d) for d in dirs):
+        raise DataError("report: give at least one experiment directory (and no empty path)")
     out_dir = Path(out).parent
     rel = [Path(os.path.relpath(d, out_dir)).as_posix() for d in dirs]
     head = [

@@ -56,6 +56,17 @@ class ScalingFit:
         n, d = self.optimal(flops)
         return float(d / n)
 
+    def summary(self, flops: Sequence[float] = (1e12, 1e13, 1e15)) -> dict:
+        """JSON-ready: the fitted constants, the frontier's exponents (N_opt ~ C^a, D_opt ~ C^b, a + b = 1)
+        and (N_opt, D_opt, tokens per parameter) at each budget in ``flops``."""
+        a = self.beta / (self.alpha + self.beta)
+        rows = []
+        for c in flops:
+            n, d = self.optimal(c)
+            rows.append({"flops": float(c), "params": float(n), "tokens": float(d), "tokens_per_param": float(d / n)})
+        return {"fit": {k: float(v) for k, v in dataclasses.asdict(self).items()},
+                "frontier_exponents": {"a": a, "b": 1.0 - a}, "frontier": rows}
+
 
 def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float):
     """Summed Huber loss of the log residuals and its gradient in (a, b, e, alpha, beta)."""
@@ -76,15 +87,49 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: n
     return f, grad
 
 
+def _projected_starts(n: np.ndarray, d: np.ndarray, loss: np.ndarray, k: int,
+                      e_range: tuple[float | None, float | None]) -> np.ndarray:
+    """Starting points (a, b, e, alpha, beta) by variable projection: for fixed exponents the law is
+    *linear* in (E, A, B), so on a grid of (alpha, beta) solve a non-negative least-squares fit of
+    E + A N^-alpha + B D^-beta to the losses (rows weighted by 1/L, ~ log residuals), and keep the
+    ``k`` best exponent pairs. Robust where random starts of the non-convex problem are not."""
+    from scipy.optimize import nnls
+
+    lo, hi = e_range
+    exps = np.linspace(0.02, 1.5, 75)
+    rows = []
+    for alpha in exps:
+        x = n**-alpha
+        for beta in exps:
+            cols = [x / loss, d**-beta / loss]
+            target = np.ones_like(loss)
+            if lo is not None and lo == hi:  # E fixed: fit A, B to L - E
+                target = 1.0 - lo / loss
+            else:
+                cols.append(1.0 / loss)
+            coef, rnorm = nnls(np.stack(cols, 1), target)
+            e = lo if lo is not None and lo == hi else float(np.clip(coef[2], lo or 0.0, hi or np.inf))
+            rows.append((rnorm, coef[0], coef[1], e, alpha, beta))
+    rows.sort(key=lambda r: r[0])
+    floor = 1e-6 * float(loss.mean())  # a zero coefficient starts as a negligible one (log of it is finite)
+    return np.array([(math.log(max(a, floor)), math.log(max(b, floor)), math.log(max(e, floor)), al, be)
+                     for _, a, b, e, al, be in rows[:k]])
+
+
 def fit_scaling_law(
     params: Sequence[float], tokens: Sequence[float], losses: Sequence[float], delta: float = HUBER_DELTA,
-    grid: dict[str, Sequence[float]] | None = None,
+    grid: dict[str, Sequence[float]] | None = None, starts: int = 8,
+    e_range: tuple[float | None, float | None] = (None, None),
 ) -> ScalingFit:
     """Fit L(N, D) to runs ``(params[i], tokens[i]) -> losses[i]`` (Hoffmann et al.'s approach 3).
 
-    ``grid``: starting values for a, b, e (logs of A, B, E), alpha and beta; the default (32
-    starts) is a much coarser version of the paper's 4500-point grid, enough for sweeps of a few
-    dozen runs (a start costs ~0.1 s, ~3 s on a saturated CPU). Needs >= 5 runs (5 unknowns) and scipy.
+    The Huber objective is minimized by L-BFGS from several starts. ``grid``: explicit starting
+    values for a, b, e (logs of A, B, E), alpha and beta (every combination; the paper used a
+    4500-point grid). Default: the ``starts`` best points of a variable-projection scan
+    (:func:`_projected_starts`: exponents on a grid, E, A, B solved linearly), which finds the basin
+    the paper's grid finds at a fraction of the cost. ``e_range``: optional bounds on E (natural
+    units; ``(E, E)`` fixes it) for sweeps too small to pin E down (docs/scaling-laws.md).
+    Needs >= 5 runs and scipy.
     """
     from scipy.optimize import minimize
 
@@ -93,15 +138,21 @@ def fit_scaling_law(
         raise ConfigError(f"a scaling fit needs >= 5 runs with N, D and loss each; got {n.size}")
     if (n <= 0).any() or (d <= 0).any() or (loss <= 0).any():
         raise ConfigError("parameters, tokens and losses must all be positive")
-    grid = grid or {
-        "a": (0.0, 5.0, 10.0, 15.0), "b": (0.0, 5.0, 10.0, 15.0), "e": (-1.0, 0.5),
-        "alpha": (0.5,), "beta": (0.5,),
-    }
+    if any(v is not None and v <= 0 for v in e_range):
+        raise ConfigError(f"bounds on E must be positive, got {e_range}")
+    lo, hi = (None if v is None else math.log(v) for v in e_range)
+    if grid is not None:
+        cand = np.array(list(itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"])), float)
+    else:
+        cand = _projected_starts(n, d, loss, max(1, starts), e_range)
+    cand[:, 2] = np.clip(cand[:, 2], -np.inf if lo is None else lo, np.inf if hi is None else hi)
+    cand[:, 3:] = np.clip(cand[:, 3:], 1e-3, 3.0)
     args = (np.log(n), np.log(d), np.log(loss), delta)
+    bounds = [(None, None), (None, None), (lo, hi), (1e-3, 3.0), (1e-3, 3.0)]
     best = None
-    for start in itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"]):
-        res = minimize(_objective, np.array(start), args=args, jac=True, method="L-BFGS-B",
-                       bounds=[(None, None)] * 3 + [(1e-3, 3.0)] * 2, options={"maxiter": 500, "gtol": 1e-12})
+    for start in cand:
+        res = minimize(_objective, start, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
+                       options={"maxiter": 1000, "gtol": 1e-12})
         if best is None or res.fun < best.fun:
             best = res
     a, b, e, alpha, beta = best.x
@@ -161,13 +212,46 @@ def plot_fit(fit: ScalingFit, params: Sequence[float], tokens: Sequence[float], 
     plt.close(fig)
 
 
+def dial_params(depth: int, vocab_size: int, block_size: int, aspect: int = 32, head_dim: int = 16,
+                model: str = "gpt2-char-cpu") -> int:
+    """Parameters (all of them, embeddings included) of the sweep's model at ``depth``: built, counted."""
+    from .models import build
+
+    dial = depth_config(depth, aspect, head_dim)
+    m = build(model, n_layer=dial["n_layer"], n_embd=dial["n_embd"], n_head=dial["n_head"], vocab_size=vocab_size,
+              block_size=block_size)
+    return m.num_params()
+
+
+def isoflop_plan(flops: Sequence[float], params: dict[int, int], tokens_per_step: int, min_steps: int = 50,
+                 max_tokens: float | None = None) -> list[dict[str, float]]:
+    """IsoFLOP runs: for each budget C and each depth (``params``: depth -> N), the step count that
+    spends C = 6 N D with D = steps * tokens_per_step. Pairs with fewer than ``min_steps`` steps (a
+    schedule that short is mostly warm-up) or more than ``max_tokens`` tokens are left out.
+    Returns ``{"depth", "params", "steps", "tokens", "flops"}`` per run, in budget order."""
+    if not flops or not params or tokens_per_step < 1:
+        raise ConfigError("an IsoFLOP plan needs >= 1 budget, >= 1 model size and tokens_per_step >= 1")
+    plan = []
+    for c in flops:
+        for depth, n in sorted(params.items()):
+            steps = round(c / (6.0 * n * tokens_per_step))
+            if steps < min_steps or (max_tokens is not None and steps * tokens_per_step > max_tokens):
+                continue
+            plan.append({"depth": depth, "params": n, "steps": steps, "tokens": steps * tokens_per_step,
+                         "flops": float(c)})
+    return plan
+
+
 def run_sweep(
     source: str, out_dir: str, depths: Sequence[int] = (1, 2, 3), steps: Sequence[int] = (40, 80, 160),
     aspect: int = 32, head_dim: int = 16, batch_size: int = 8, block_size: int = 64, tokenizer: str = "char",
-    log=print,
+    log=print, plan: Sequence[tuple[int, int]] | None = None, eval_iters: int = 10, data_dir: str | None = None,
+    base_lr: float = 3e-3,
 ) -> list[dict[str, float]]:
-    """Train one GPT per (depth, steps) pair on ``source``; each a finished cosine run. Returns
-    ``{"depth", "params", "tokens", "val_loss", "wall_s"}`` per run (``log`` gets each as it ends).
+    """Train one GPT per (depth, steps) pair on ``source``; each a finished cosine run. The pairs are
+    ``plan`` when given (e.g. from :func:`isoflop_plan`), else every depth x every step count.
+    Returns ``{"depth", "steps", "params", "tokens", "flops", "val_loss", "wall_s"}`` per run (``log``
+    gets each as it ends).
 
     Each point must be a finished schedule (approach 3 fits final losses): intermediate points of
     one long run would carry an unfinished learning-rate decay.
@@ -177,22 +261,25 @@ def run_sweep(
 
     from .train import TrainConfig, Trainer
 
+    pairs = list(plan) if plan is not None else [(d, s) for d in depths for s in steps]
+    if not pairs or any(d < 1 or s < 1 for d, s in pairs):
+        raise ConfigError(f"a sweep needs >= 1 run and depths, steps >= 1; got {pairs}")
     runs = []
-    for depth in depths:
-        dial = depth_config(depth, aspect, head_dim)
-        for n_steps in steps:
-            cfg = TrainConfig(
-                model="gpt2-char-cpu", model_args={k: dial[k] for k in ("n_layer", "n_embd", "n_head")},
-                source=source, tokenizer=tokenizer, data_dir=str(Path(out_dir) / "data"),
-                out_dir=str(Path(out_dir) / f"d{depth}-s{n_steps}"), max_steps=n_steps, eval_interval=0,
-                eval_iters=10, batch_size=batch_size, block_size=block_size, lr=dial["lr"], min_lr=dial["lr"] / 10,
-                warmup_steps=max(1, n_steps // 10), progress=False, sample_tokens=0, threads=1, keep_last=1,
-            )
-            t0 = time.time()
-            trainer = Trainer(cfg)
-            summary = trainer.train()
-            run = {"depth": depth, "params": trainer.model.num_params(), "tokens": n_steps * batch_size * block_size,
-                   "val_loss": summary["val_loss"], "wall_s": round(time.time() - t0, 1)}
-            log(run)
-            runs.append(run)
+    for depth, n_steps in pairs:
+        dial = depth_config(depth, aspect, head_dim, base_lr=base_lr)
+        cfg = TrainConfig(
+            model="gpt2-char-cpu", model_args={k: dial[k] for k in ("n_layer", "n_embd", "n_head")},
+            source=source, tokenizer=tokenizer, data_dir=data_dir or str(Path(out_dir) / "data"),
+            out_dir=str(Path(out_dir) / f"d{depth}-s{n_steps}"), max_steps=n_steps, eval_interval=0,
+            eval_iters=eval_iters, batch_size=batch_size, block_size=block_size, lr=dial["lr"], min_lr=dial["lr"] / 10,
+            warmup_steps=max(1, n_steps // 10), progress=False, sample_tokens=0, threads=1, keep_last=1,
+        )
+        t0 = time.time()
+        trainer = Trainer(cfg)
+        summary = trainer.train()
+        n, d = trainer.model.num_params(), n_steps * batch_size * block_size
+        run = {"depth": depth, "steps": n_steps, "params": n, "tokens": d, "flops": 6.0 * n * d,
+               "val_loss": summary["val_loss"], "wall_s": round(time.time() - t0, 1)}
+        log(run)
+        runs.append(run)
     return runs

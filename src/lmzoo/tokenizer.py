@@ -540,13 +540,20 @@ def _from_lmzoo_config(path: Path, config: dict[str, Any]) -> Tokenizer:
             f"(1..{FORMAT_VERSION})"
         )
     kind = config.get("kind")
-    specials = sorted(dict(config.get("special_tokens") or {}).items(), key=lambda kv: kv[1])
+    raw_specials, eos = config.get("special_tokens") or {}, config.get("eos_token")
+    if not isinstance(raw_specials, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in raw_specials.items()
+    ):
+        raise CheckpointError(f"{path / CONFIG_NAME}: 'special_tokens' must map token strings to integer ids")
+    if eos is not None and not isinstance(eos, str):
+        raise CheckpointError(f"{path / CONFIG_NAME}: 'eos_token' must be a string or null, got {eos!r}")
+    specials = sorted(raw_specials.items(), key=lambda kv: kv[1])
     names = [s for s, _ in specials]
     if kind == "byte":
         tok: Tokenizer = ByteTokenizer(names)
     elif kind == "char":
-        if not isinstance(config.get("chars"), list):
-            raise CheckpointError(f"{path / CONFIG_NAME}: a char tokenizer needs its 'chars' list")
+        if not isinstance(config.get("chars"), list) or not all(isinstance(c, str) for c in config["chars"]):
+            raise CheckpointError(f"{path / CONFIG_NAME}: a char tokenizer needs its 'chars' list of characters")
         tok = CharTokenizer(config["chars"], names)
     elif kind in ("bpe", "pretrained"):
         if not (path / HF_NAME).is_file():

@@ -38,6 +38,7 @@ from torch import nn
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, LmzooError
 from ..layers.rope import RotaryEmbedding, rope_frequencies
+from ..memguard import check_fits
 from ..models import build_model
 from ..models.base import LanguageModel
 from . import hf_gpt2, hf_jamba, hf_llama, hf_mamba, io
@@ -189,7 +190,8 @@ def materialize_buffers(
 
 
 def from_hf(
-    path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+    check_memory: bool = True,
 ) -> LanguageModel:
     """Load a local Hugging Face ``transformers`` model directory as an lmzoo model, in eval mode.
 
@@ -201,8 +203,9 @@ def from_hf(
 
     Raises CheckpointError (one line) for: a missing file (named), an unsupported architecture
     (naming the supported ones), a config lmzoo cannot represent exactly, an unreadable,
-    truncated or refused weights file, or a missing, unexpected or mis-shaped tensor (named,
-    with both shapes).
+    truncated, corrupted (checksum) or refused weights file, or a missing, unexpected or mis-shaped
+    tensor (named, with both shapes). A model whose estimated memory exceeds what ``device`` has
+    available raises :class:`lmzoo.memguard.ModelTooLargeError` before anything is allocated.
     """
     d = Path(path)
     hf_config = io.read_config(d)
@@ -214,6 +217,13 @@ def from_hf(
     files = io.weight_files(d)  # every file checked to exist before any work
     device = torch.device(device)
     dtype = _resolve_dtype(dtype)
+    # refuse a model that cannot fit before building it (lmzoo.memguard; check_memory=False skips)
+    saved = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    try:
+        est_dtype = dtype or _resolve_dtype(saved if isinstance(saved, str) else None)
+    except ConfigError:
+        est_dtype = None
+    check_fits(conv.family, cfg, device, est_dtype, where=str(d), check=check_memory)
 
     with torch.device("meta"):  # shapes only: no allocation, and init_weights() costs nothing
         model = build_model(conv.family, cfg)

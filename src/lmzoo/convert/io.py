@@ -26,6 +26,7 @@ old directory or the new one, never a half-written mix.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -117,18 +118,52 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     )
 
 
+# Checksums. safetensors checks that its header is consistent with the file's length, so a truncated
+# file is refused, but a flipped bit in the tensor data loads silently as a wrong weight. Files lmzoo
+# writes (its checkpoints and to_hf) carry a SHA-256 of their tensors in the header's metadata, under
+# DIGEST_KEY (transformers ignores metadata keys it does not know); readers verify it when present.
+DIGEST_KEY = "lmzoo_sha256"
+
+
+def update_digest(h: Any, name: str, t: torch.Tensor) -> None:
+    """Feed one tensor (its name, dtype, shape and raw bytes) into the hash ``h``."""
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    flat = t.detach().reshape(-1)
+    if flat.numel():
+        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().data)
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors in name order: what :data:`DIGEST_KEY` holds."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        update_digest(h, name, tensors[name])
+    return h.hexdigest()
+
+
+def corrupt_error(file: Path) -> CheckpointError:
+    return CheckpointError(f"{file}: checksum mismatch: the tensor data changed after it was written "
+                           "(corrupted file: re-copy or re-download it)")
+
+
 def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # SafetensorError, OSError, ...: all mean "not a readable safetensors file"
         raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({_one_line(e)})") from None
     with handle as f:
-        for name in f.keys():
+        digest = (f.metadata() or {}).get(DIGEST_KEY)
+        h = hashlib.sha256() if digest else None
+        for name in sorted(f.keys()):
             try:
                 t = f.get_tensor(name)
             except Exception as e:
                 raise CheckpointError(f"{file}: cannot read tensor {name!r} ({_one_line(e)})") from None
+            if h is not None:
+                update_digest(h, name, t)
             yield name, t  # outside the try: errors raised by the consumer are not ours to rename
+        if h is not None and h.hexdigest() != digest:
+            raise corrupt_error(file)
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -219,7 +254,7 @@ def write_hf_dir(
             else:
                 shutil.copy2(p, tmp / p.name, follow_symlinks=False)
         cpu = {k: v.detach().cpu() for k, v in tensors.items()}
-        save_file(cpu, str(tmp / SAFETENSORS), metadata={"format": "pt"})
+        save_file(cpu, str(tmp / SAFETENSORS), metadata={"format": "pt", DIGEST_KEY: tensors_digest(cpu)})
         del cpu
         (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return d

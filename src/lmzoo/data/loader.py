@@ -16,12 +16,17 @@ Positions are pure functions of the step counter, so resuming needs only ``state
   of ``L = W // (batch_size * world_size)`` consecutive windows; row ``i`` of batch ``s`` on rank
   ``r`` is window ``s mod L`` of lane ``r * batch_size + i``. Each row thus continues, batch after
   batch, exactly where it stopped: a model carrying a memory across batches reads a long stream.
+
+``prefetch=True`` reads batch ``s + 1`` in a background thread while the caller computes on batch
+``s`` (the GPU is busy, the CPU would wait): reading, pinning and the non-blocking copy overlap the
+step. The batches are the same (a batch is a pure function of its step), so is resuming.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +59,7 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
+        prefetch: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(
@@ -83,6 +89,9 @@ class TokenLoader:
         self.seed, self.mode, self.rank, self.world_size = seed, mode, rank, world_size
         self.device = torch.device(device)
         self.step = 0  # batches produced so far; the whole resumable state
+        self.prefetch = prefetch
+        self._ahead: tuple[int, Future] | None = None  # (step, the batch being read in the background)
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def num_windows(self) -> int:
@@ -125,8 +134,13 @@ class TokenLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``(x, y)``; both int64 of shape (batch_size, block_size)."""
-        batch = self.batch_at(self.step)
+        ahead, self._ahead = self._ahead, None
+        batch = ahead[1].result() if ahead is not None and ahead[0] == self.step else self.batch_at(self.step)
         self.step += 1
+        if self.prefetch:  # start reading the next one now; it is ready when the step asks for it
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmzoo-prefetch")
+            self._ahead = (self.step, self._pool.submit(self.batch_at, self.step))
         return batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -2,7 +2,9 @@
 
 The pipeline streams: documents are read in order, grouped into chunks of about a million
 characters, tokenized (in worker processes for inputs over a few MB) and appended to the two
-binary files, so memory holds a few chunks whatever the corpus size. Everything is written under
+binary files, so memory holds a few chunks whatever the corpus size (tokenizers are handed parts
+of at most about 64K characters where cutting there is exact, see :func:`split_text`: a byte-level
+BPE holds a few hundred bytes per token of the text it is given). Everything is written under
 a hidden temporary directory in ``out_dir`` and moved into place at the end, ``meta.json`` last:
 a directory with ``meta.json`` always holds a complete data set. See docs/data.md.
 """
@@ -13,6 +15,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 from collections import deque
@@ -32,6 +35,9 @@ META_NAME = "meta.json"
 SPLITS = ("train", "val")
 PARALLEL_BYTES = 4 << 20  # inputs larger than this are tokenized by worker processes
 CHUNK_CHARS = 1 << 20  # characters per unit of work sent to a worker
+PART_CHARS = 1 << 16  # a tokenizer sees texts of about this size (where a cut is exact): bounded memory
+BATCH_CHARS = 1 << 18  # characters per encode_batch call
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")  # just after a newline between two non-space characters
 _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd: i -> i * _GOLDEN mod 2**64 is a bijection
 
 Item = tuple[str, bool, bool]  # (text, goes to val, append eos after it)
@@ -88,15 +94,64 @@ def _chunks(items: Iterable[Item], chunk_chars: int) -> Iterator[list[Item]]:
         yield chunk
 
 
+def split_text(text: str, size: int | None = None) -> Iterator[str]:
+    """``text`` in consecutive parts of at least ``size`` characters (the last one shorter), cut only
+    just after a newline that has a non-space character on both sides; without such a newline the rest
+    stays whole.
+
+    Tokenizing the parts one by one gives exactly the ids of the whole text for the byte and char
+    tokenizers (any cut) and for lmzoo's byte-level BPE: its GPT-2 pre-tokenizer never joins a newline
+    to what follows a non-space character, nor to a non-space character before it, so the pre-tokens
+    (and the merges inside them) are the same. Training on the parts counts the same pre-tokens.
+    """
+    size = size or PART_CHARS  # read at call time: tests shrink it
+    start = 0
+    while len(text) - start > size:
+        m = _SAFE_CUT.search(text, start + size)
+        if m is None:
+            break
+        yield text[start : m.start()]
+        start = m.start()
+    yield text[start:]
+
+
+def _split_texts(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        yield from split_text(text)
+
+
 def _encode_chunk(tok: Tokenizer, items: list[Item], dtype: Any) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(train ids, val ids, train documents, val documents) of one chunk, eos appended where asked."""
+    """(train ids, val ids, train documents, val documents) of one chunk, eos appended where asked.
+
+    Long texts are encoded in parts (:func:`split_text`, exact for lmzoo's own kinds; a pretrained
+    tokenizer gets each text whole), at most about BATCH_CHARS characters per ``encode_batch`` call,
+    each result turned into a compact array at once: the tokenizer's per-token objects never pile up.
+    """
     eos = tok.eos_id
+    exact = tok.kind in KINDS
+    ids_of: list[list[np.ndarray]] = [[] for _ in items]
+    batch: list[tuple[int, str]] = []
+    size = 0
+
+    def flush() -> None:
+        for (k, _), ids in zip(batch, tok.encode_batch([text for _, text in batch])):
+            ids_of[k].append(np.asarray(ids, dtype=dtype))
+        batch.clear()
+
+    for k, (text, _, _) in enumerate(items):
+        for part in split_text(text) if exact else (text,):
+            batch.append((k, part))
+            size += len(part)
+            if size >= BATCH_CHARS:
+                flush()
+                size = 0
+    flush()
     parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     docs = [0, 0]
-    for (_, is_val, eos_after), ids in zip(items, tok.encode_batch([text for text, _, _ in items])):
+    for (_, is_val, eos_after), arrays in zip(items, ids_of):
         if eos_after and eos is not None:
-            ids.append(eos)
-        parts[is_val].append(np.asarray(ids, dtype=dtype))
+            arrays.append(np.asarray([eos], dtype=dtype))
+        parts[is_val].append(np.concatenate(arrays) if arrays else np.empty(0, dtype))
         docs[is_val] += eos_after
     train, val = (np.concatenate(p) if p else np.empty(0, dtype) for p in parts)
     return train, val, docs[0], docs[1]
@@ -234,7 +289,7 @@ def prepare(
     )
     if isinstance(resolved, str):
         specials = () if resolved == "char" and src.single_text else (EOT,)
-        tok = build_tokenizer(resolved, src.texts(), vocab_size=vocab_size, special_tokens=specials)
+        tok = build_tokenizer(resolved, _split_texts(src.texts()), vocab_size=vocab_size, special_tokens=specials)
     elif vocab_size is not None and vocab_size != resolved.vocab_size:
         raise ConfigError(f"vocab_size {vocab_size} given, but the tokenizer has {resolved.vocab_size}")
     else:

@@ -4,11 +4,12 @@ Launch with ``torchrun --nproc_per_node=N -m lmzoo train --parallel.mode=ddp ...
 docs/distributed.md for each mode (ddp, fsdp, tp, pp) and what it shards.
 """
 
-from .parallelize import clip_grad_norm, full_value, gradient_sync, parallelize, parallelize_for_trainer
+from .engine import TrainerParallel, loader_state, parallelize_for_trainer
+from .parallelize import clip_grad_norm, full_value, gradient_sync, parallelize
 from .runtime import MODES, DistContext, ParallelConfig, check_layout, main_first, reduce_mean, setup, teardown
 
 __all__ = [
-    "MODES", "DistContext", "ParallelConfig", "check_layout", "clip_grad_norm", "full_value", "gradient_sync",
-    "main_first",
+    "MODES", "DistContext", "ParallelConfig", "TrainerParallel", "check_layout", "clip_grad_norm", "full_value",
+    "gradient_sync", "loader_state", "main_first",
     "parallelize", "parallelize_for_trainer", "reduce_mean", "setup", "teardown",
 ]

@@ -9,7 +9,10 @@ process) and DCP reads the overlapping slices: saved with 2 ranks, loaded with 1
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,7 +30,8 @@ def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     if extra:
         state["extra"] = extra
-    dcp.save(state, checkpoint_id=str(path))
+    with _single_process_quietly() as single:
+        dcp.save(state, checkpoint_id=str(path), no_dist=single)
 
 
 def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -43,7 +47,18 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
     state: dict[str, Any] = {"model": get_model_state_dict(model)}  # the layout to read into
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_quietly() as single:  # one process (no process group): read every slice ourselves
+        dcp.load(state, checkpoint_id=str(path), no_dist=single)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+@contextlib.contextmanager
+def _single_process_quietly() -> Iterator[bool]:
+    """Whether this is one process without a process group (DCP then warns that it assumes so: we mean it)."""
+    single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        yield single

@@ -44,28 +44,6 @@ def parallelize(model: nn.Module, ctx: DistContext) -> nn.Module:
     raise ConfigError(f"parallel mode {mode!r} is applied by lmzoo.distributed.pipeline, not parallelize()")
 
 
-TRAINER_MODES = ("none", "ddp")
-
-
-def parallelize_for_trainer(model: nn.Module, ctx: DistContext, batch_size: int, global_batch: int | None) -> nn.Module:
-    """The trainer's hook: check the layout against the built model, then :func:`parallelize`.
-
-    ``lmzoo train`` runs ddp. fsdp, tp and pp are library functions for now (tested in
-    tests/test_distributed.py): the trainer's single-file checkpoints do not yet gather FSDP2's
-    shards (or write DCP), un-permute TP's qkv rows or join pipeline stages, so they refuse here
-    instead of writing a wrong checkpoint.
-    """
-    from .runtime import check_layout
-
-    check_layout(ctx.config, ctx.world_size, batch_size, global_batch, getattr(model, "config", None))
-    if ctx.enabled and ctx.config.mode not in TRAINER_MODES:
-        raise ConfigError(
-            f"lmzoo train runs parallel.mode ddp; {ctx.config.mode} is available from the library "
-            "(lmzoo.distributed) but not in the trainer yet"
-        )
-    return parallelize(model, ctx)
-
-
 def apply_fsdp(model: nn.Module, ctx: DistContext) -> nn.Module:
     """FSDP2: one all-gather / reduce-scatter group per block, the rest (embeddings, head) at the root.
 
@@ -130,13 +108,21 @@ def apply_tp(model: nn.Module, ctx: DistContext) -> nn.Module:
     return model
 
 
+def qkv_rank_order(head_dim: int, n_head: int, n_kv_head: int, tp: int) -> torch.Tensor:
+    """Row order taking qkv's [q | k | v] to [q_r k_r v_r for each rank r] (see apply_tp).
+
+    ``w[qkv_rank_order(...)]`` groups the rows by rank; ``w[qkv_rank_order(...).argsort()]`` undoes it
+    (a tensor-parallel checkpoint is written in the model's own [q | k | v] order).
+    """
+    hd = head_dim
+    q, k, v = torch.arange((n_head + 2 * n_kv_head) * hd).split([n_head * hd, n_kv_head * hd, n_kv_head * hd])
+    return torch.cat([torch.cat([q.chunk(tp)[r], k.chunk(tp)[r], v.chunk(tp)[r]]) for r in range(tp)])
+
+
 @torch.no_grad()
 def _group_qkv_rows_by_rank(attn: nn.Module, tp: int) -> None:
     """Reorder qkv's output rows from [q | k | v] to [q_r k_r v_r for each rank r] (see apply_tp)."""
-    hd, nh, nkv = attn.head_dim, attn.n_head, attn.n_kv_head
-    rows = torch.arange(attn.qkv.out_features)
-    q, k, v = rows.split([nh * hd, nkv * hd, nkv * hd])
-    order = torch.cat([torch.cat([q.chunk(tp)[r], k.chunk(tp)[r], v.chunk(tp)[r]]) for r in range(tp)])
+    order = qkv_rank_order(attn.head_dim, attn.n_head, attn.n_kv_head, tp)
     attn.qkv.weight.copy_(attn.qkv.weight[order])
     if attn.qkv.bias is not None:
         attn.qkv.bias.copy_(attn.qkv.bias[order])

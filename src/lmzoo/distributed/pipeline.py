@@ -12,7 +12,7 @@ forwards then all backwards; 1F1B alternates, so at most ``stages`` micro-batche
 are alive. The schedule sums the micro-batch gradients and divides by their number: the same
 gradient as the whole batch at once.
 
-A stage wraps the GPT family's own modules (embedding, position table or RoPE, blocks, final
+A stage wraps the GPT (or Llama) family's own modules (embedding, position table or RoPE, blocks, final
 norm, head) without changing the model file. With tied embeddings (GPT-2) the first and last
 stages each hold the shared matrix, and their gradients are summed between them after backward
 (Megatron-LM's "embedding all-reduce") so both copies take the same step.
@@ -25,12 +25,15 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from ..layers.attention import window_mask
 from ..models.base import lm_loss
 from .runtime import DistContext
 
 
 class GPTStage(nn.Module):
     """Blocks ``[start, end)`` of a :class:`lmzoo.models.gpt2.GPT`, plus its input or output end."""
+
+    norm = "ln_f"  # the model's final norm (its name kept: the stage's state-dict names are the model's)
 
     def __init__(self, model: nn.Module, start: int, end: int, first: bool, last: bool) -> None:
         super().__init__()
@@ -40,12 +43,17 @@ class GPTStage(nn.Module):
         if getattr(cfg, "n_experts", 0):
             raise ConfigError("pipeline parallel does not carry mixture-of-experts router losses between stages")
         self.first, self.last, self.start = first, last, start
-        self.wte = model.wte if first else None
-        self.wpe = model.wpe if first else None
+        # the last stage of a tied model keeps the embedding module too (its forward does not use it): the
+        # shared matrix is then "wte.weight" on both stages, and the optimizer treats it as an embedding on both
+        tied = last and getattr(cfg, "tie_embeddings", False)
+        self.wte = model.wte if first or tied else None
+        self.wpe = getattr(model, "wpe", None) if first else None
         self.drop = model.drop if first else None
         self.rope = model.rope  # a buffer table: every stage recomputes cos/sin for its blocks
-        self.blocks = nn.ModuleList(model.blocks[start:end])
-        self.ln_f = model.ln_f if last else None
+        # keyed by the model's own block numbers, so a stage's state-dict names are the model's
+        # ("blocks.3.attn.qkv.weight" on every layout): sharded checkpoints load across layouts
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(start, end)})
+        setattr(self, self.norm, getattr(model, self.norm) if last else None)
         self.lm_head = model.lm_head if last else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,11 +66,51 @@ class GPTStage(nn.Module):
                 x = x + self.wpe(pos)
             x = self.drop(x)
         rope = self.rope(pos, T) if self.rope is not None else None
-        for i, block in enumerate(self.blocks):
-            x, _, _ = block(x, rope, None, True, None, self.start + i, None)
+        for i, block in self.blocks.items():
+            x, _, _ = block(x, rope, None, True, None, int(i), None)
         if self.last:
             x = self.lm_head(self.ln_f(x))
         return x
+
+
+class LlamaStage(GPTStage):
+    """Blocks ``[start, end)`` of a :class:`lmzoo.models.llama.Llama` (Mistral too): RoPE, RMSNorm
+    ``norm_f``, a causal or sliding-window mask per layer."""
+
+    norm = "norm_f"
+
+    def __init__(self, model: nn.Module, start: int, end: int, first: bool, last: bool) -> None:
+        super().__init__(model, start, end, first, last)
+        self.windows = model.windows  # each layer's attention window (None: full causal)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.size(1)
+        pos = torch.arange(T, device=x.device)
+        if self.first:
+            x = self.drop(self.wte(x))
+        rope = self.rope(pos, T)
+        masks = {w: window_mask(T, w, x.device) for w in set(self.windows)}  # (mask, is_causal) per window
+        for i, block in self.blocks.items():
+            mask, is_causal = masks[self.windows[int(i)]]
+            x, _ = block(x, rope, mask, is_causal, None, int(i))
+        if self.last:
+            x = self.lm_head(self.norm_f(x))
+        return x
+
+
+STAGES = {"gpt2": GPTStage, "llama": LlamaStage}  # model family -> how to cut it
+FAMILIES = tuple(STAGES)
+
+
+def check_family(family: str, model_config=None) -> None:
+    """One-line error for a model without a stage split (before any process group when called early)."""
+    if getattr(model_config, "n_experts", 0):
+        raise ConfigError("pipeline parallel does not carry mixture-of-experts router losses between stages")
+    if family not in FAMILIES:
+        raise ConfigError(
+            f"pipeline parallel cuts {', '.join(FAMILIES)} models into stages; {family} has no stage split yet "
+            "(use parallel.mode=fsdp or tp)"
+        )
 
 
 def stage_bounds(n_layer: int, stages: int) -> list[tuple[int, int]]:
@@ -84,12 +132,11 @@ class Pipeline:
     def __init__(self, model: nn.Module, ctx: DistContext) -> None:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        if not hasattr(model, "wte") or not hasattr(model, "blocks"):
-            raise ConfigError(f"pipeline parallel has no stage split for {type(model).__name__} (GPT family only)")
+        check_family(getattr(model, "family", type(model).__name__))
         self.ctx, n = ctx, ctx.world_size
         start, end = stage_bounds(model.config.n_layer, n)[ctx.rank]
         self.first, self.last = ctx.rank == 0, ctx.rank == n - 1
-        self.module = GPTStage(model, start, end, self.first, self.last)
+        self.module = STAGES[model.family](model, start, end, self.first, self.last)
         self.tied = getattr(model.config, "tie_embeddings", False) and n > 1
         if self.tied and n > 2:
             raise ConfigError("tied embeddings (tie_embeddings=true) support at most 2 pipeline stages")
@@ -114,16 +161,30 @@ class Pipeline:
         each gradient weighted 1 / accum like the trainer's ``loss / accum``.
         """
         self.scale = 1.0 / (self.ctx.config.microbatches * accum)
+        return self._run(self.schedule.step, x, y)
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Forward only (no backward) through every stage; the batch's mean loss on every rank."""
+        self.scale = 1.0 / self.ctx.config.microbatches
+        return self._run(self.schedule.eval, x, y)
+
+    def _run(self, run, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One schedule pass (``step`` or ``eval``): the first stage feeds ids, the last gets targets."""
         losses: list[torch.Tensor] = []
         if self.first:
-            self.schedule.step(x)
+            run(x)
         elif self.last:
-            self.schedule.step(target=y, losses=losses)
+            run(target=y, losses=losses)
         else:
-            self.schedule.step()
+            run()
         loss = torch.stack(losses).mean().detach() / self.scale if self.last else torch.zeros(())
         dist.all_reduce(loss)  # only the last stage contributes: everyone learns the loss
         return float(loss)
+
+    def owner_of(self, param: nn.Parameter) -> bool:
+        """Whether this rank's stage holds (and trains) ``param``."""
+        return any(param is p for p in self.module.parameters())
 
     def sync_tied_grads(self) -> None:
         """Sum the tied embedding/head gradient of the first and last stage (both copies take one step)."""

@@ -29,8 +29,9 @@ PRESETS.update({name: ("jamba", d) for name, d in jamba.PRESETS.items()})
 
 
 def family_class(name: str) -> type[LanguageModel]:
-    if name not in FAMILIES:
-        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}" + suggest(name, FAMILIES))
+    if not isinstance(name, str) or name not in FAMILIES:  # a config.json may hold anything here
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}"
+                          + suggest(str(name), FAMILIES))
     return FAMILIES[name]
 
 

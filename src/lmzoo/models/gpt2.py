@@ -28,11 +28,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..cache import KVCache
+from ..cache import KVCache, position_bound
 from ..config import Config
 from ..errors import ConfigError
 from ..layers.alibi import alibi_bias, alibi_slopes
 from ..layers.attention import CausalSelfAttention
+from ..layers.chunked_ce import linear_cross_entropy
 from ..layers.cross_layer_attention import CrossLayerAttention, kv_groups
 from ..layers.infini_attention import InfiniAttention, InfiniCache
 from ..layers.linear_attention import LinearAttentionState, LinearSelfAttention
@@ -79,6 +80,13 @@ class GPTConfig(Config):
     # Cross-layer KV sharing (layers/cross_layer_attention.py): runs of this many adjacent layers share
     # the keys/values of the run's first layer; the KV cache shrinks by this factor (1: no sharing)
     kv_share_every: int = 1
+    # Speed (docs/performance.md): the embedding/head rows are rounded up to a multiple of
+    # vocab_multiple (128: tensor-core friendly shapes; 1 = exactly vocab_size, HF-compatible); the
+    # padding rows are never returned as logits. ce_chunk > 0: the training loss runs the head and
+    # cross-entropy ce_chunk tokens at a time (layers/chunked_ce.py; forward(idx, targets) then
+    # returns logits None: they are never materialized)
+    vocab_multiple: int = 1
+    ce_chunk: int = 0
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -114,10 +122,17 @@ class GPTConfig(Config):
             raise ConfigError("attention=linear takes pos_emb learned or none (RoPE would break phi's positivity)")
         if self.attention != "softmax" and self.kv_share_every > 1:
             raise ConfigError(f"kv_share_every shares a KV cache; attention={self.attention} has none")
+        if self.vocab_multiple <= 0 or self.ce_chunk < 0:
+            raise ConfigError("vocab_multiple must be positive and ce_chunk >= 0 (0: plain cross-entropy)")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and head: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def hidden(self) -> int:
@@ -208,7 +223,7 @@ class GPT(LanguageModel):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = cfg = config
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.pos_emb == "rope" else None
         # ALiBi's head slopes (n_head,): fixed, not learned, not saved
@@ -216,7 +231,7 @@ class GPT(LanguageModel):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
         self.init_weights()
@@ -257,7 +272,7 @@ class GPT(LanguageModel):
         """
         B, T = idx.shape
         pos = cache.positions(T) if cache is not None else torch.arange(T, device=idx.device)
-        end = T if cache is None else cache.pos + T  # an upper bound of the positions (Python int: no sync)
+        end = T if cache is None else position_bound(cache, T)  # bounds the positions (Python int: no sync)
         if self.wpe is not None and end > self.config.block_size:
             raise ValueError(
                 f"{end} positions do not fit the learned position table (block_size "
@@ -281,13 +296,24 @@ class GPT(LanguageModel):
         x = self.ln_f(x)
         aux = combine_router_stats(stats) if stats else None  # MoE: router losses and expert loads
         if targets is not None:
-            logits = self.lm_head(x)
-            loss = lm_loss(logits, targets)
+            if self.config.ce_chunk:  # head + loss chunk by chunk: no (B, T, vocab) float32 logits
+                logits = None
+                loss = linear_cross_entropy(
+                    x, self.lm_head.weight, targets, self.config.ce_chunk, self.config.vocab_size
+                )
+            else:
+                logits = self._head(x)
+                loss = lm_loss(logits, targets)
             if aux is not None:
                 aux["lm_loss"] = loss.detach()
                 loss = add_router_losses(loss, aux, self.config.moe_aux_weight, self.config.moe_z_weight)
             return LMOutput(logits, loss, aux)
-        return LMOutput(self.lm_head(x[:, -1:] if last_only else x), None, aux)
+        return LMOutput(self._head(x[:, -1:] if last_only else x), None, aux)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> logits (B, T, vocab_size): the padding rows of a padded vocabulary dropped."""
+        logits = self.lm_head(x)
+        return logits[..., : self.config.vocab_size] if logits.shape[-1] != self.config.vocab_size else logits
 
     def init_cache(
         self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..cache import KVCache, RollingKVCache
+from ..cache import KVCache, RollingKVCache, position_bound
 from ..config import Config
 from ..errors import ConfigError
 from ..layers.attention import CausalSelfAttention, layer_windows, window_mask
@@ -248,7 +248,7 @@ class Llama(LanguageModel):
         """
         B, T = idx.shape
         pos = cache.positions(T) if cache is not None else torch.arange(T, device=idx.device)
-        end = T if cache is None else cache.pos + T  # an upper bound of the positions (Python int: no sync)
+        end = T if cache is None else position_bound(cache, T)  # bounds the positions (Python int: no sync)
         x = self.drop(self.wte(idx))  # (B, T, C)
         rope = self.rope(pos, end)  # cos, sin: (T or B,T, hd)
         # one mask per distinct window (usually one; two for a local/global pattern)

@@ -6,6 +6,7 @@
   LoRA on top (QLoRA).
 - :mod:`lmzoo.peft.instruct`: instruction tuning (prompt/response and chat JSONL, response-only loss, packing).
 - :mod:`lmzoo.peft.distill`: knowledge distillation (Hinton et al. 2015; Kim & Rush 2016).
+- :mod:`lmzoo.peft.finetune`: ``lmzoo finetune``: all of the above through the shared trainer.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ distribution over whole sequences, and needs no teacher at training time.
 logits per position (values float16 + indices int32, safetensors); the KL then runs over those k
 entries, renormalized (the tail mass is dropped: an approximation that is close for k ~ 32-64).
 
-Teacher and student must share the tokenizer (vocab sizes may differ only by unused padding rows:
-the common prefix of the vocabulary is compared).
+Teacher and student must share the tokenizer. Training (:class:`DistillLoss`, the shared trainer's loss
+hook) refuses different vocabulary sizes; the functions on logits compare the common prefix of the
+vocabulary.
 """
 
 from __future__ import annotations
@@ -107,26 +108,42 @@ def teacher_sequences(teacher, prompts: list[list[int]], max_new_tokens: int) ->
     return [p + o for p, o in zip(prompts, outs)]
 
 
-def distill(student, teacher, batches, steps: int, lr: float = 1e-3, alpha: float = 0.5, temperature: float = 2.0,
-            weight_decay: float = 0.0) -> list[dict[str, float]]:
-    """Train ``student`` for ``steps`` on ``batches`` (an iterator of ``(x, y)`` (B, T) pairs, y = -1
-    ignored) with :func:`distill_loss` against ``teacher`` (frozen, eval, no_grad). ``alpha=1`` is plain
-    training on the data. Returns per-step ``{"loss", "ce", "kl"}``."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    student.train()
-    log = []
-    for _ in range(steps):
-        x, y = next(batches)
+class DistillLoss:
+    """The shared trainer's loss hook for word-level distillation: ``Trainer(cfg, model=student,
+    loss_fn=DistillLoss(teacher, alpha, temperature))``.
+
+    Called as ``loss_fn(student, x, y, cache=None)``; returns the student's :class:`LMOutput` with
+    ``loss`` = :func:`distill_loss` and ``aux`` {``ce``, ``kl``} (logged with each step). The teacher is
+    frozen, in eval mode, run under ``no_grad`` (and moved to the batch's device on first use).
+    ``alpha=1`` is plain training on the data. Teacher and student must have the same vocabulary size.
+    """
+
+    def __init__(self, teacher, alpha: float = 0.5, temperature: float = 2.0, student=None):
+        if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+            raise ConfigError(f"alpha must be in [0, 1] and temperature > 0, got {alpha}, {temperature}")
+        if student is not None:
+            check_vocab(teacher, student)
+        self.teacher, self.alpha, self.temperature = teacher.eval(), alpha, temperature
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, cache=None):
+        from ..models.base import LMOutput
+
+        out = model(x, cache=cache)
+        if next(self.teacher.parameters()).device != x.device:
+            self.teacher.to(x.device)
         with torch.no_grad():
-            t_logits = teacher(x).logits
-        loss, parts = distill_loss(student(x).logits, t_logits, y, alpha, temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log.append({"loss": loss.item(), **{k: v.item() for k, v in parts.items()}})
-    return log
+            t_logits = self.teacher(x).logits
+        loss, parts = distill_loss(out.logits, t_logits, y, self.alpha, self.temperature)
+        return LMOutput(out.logits, loss, {**(out.aux or {}), **parts})
+
+
+def check_vocab(teacher, student) -> None:
+    """ConfigError unless teacher and student have the same vocabulary size (both sizes named)."""
+    vt, vs = teacher.config.vocab_size, student.config.vocab_size
+    if vt != vs:
+        raise ConfigError(
+            f"the teacher's vocab_size {vt} differs from the student's {vs}: distillation compares next-token "
+            "distributions, so both must use the same tokenizer (and vocabulary size)"
+        )

@@ -1,8 +1,16 @@
 """``lmzoo finetune``: adapt a pretrained model (lmzoo checkpoint or Hugging Face directory) with the
-shared trainer, fully or with LoRA / QLoRA adapters.
+shared trainer, fully or with LoRA / QLoRA adapters, on a text corpus, on instruction data, or from a
+teacher (knowledge distillation).
 
     finetune("runs/base", method="lora", target="attn.qkv|attn.proj", r=8,
              source="my.txt", tokenizer="byte", max_steps=200, lr=2e-4, out_dir="runs/ft")
+    finetune("runs/base", instruct="train.jsonl", max_steps=300)         # response-only loss, packed
+    finetune("gpt2-debug", teacher="runs/big", kd_alpha=0.5, temperature=2.0, source=...)  # distill
+
+Instruction data goes to the trainer as in-memory loaders of packed rows (``Trainer(data=...)``,
+:mod:`lmzoo.peft.instruct`); distillation as a loss hook (``Trainer(loss_fn=...)``,
+:class:`lmzoo.peft.distill.DistillLoss`). ``base`` may name a preset instead of a directory: a fresh
+student (method ``full``), its vocabulary that of the teacher, or of the instruction tokenizer.
 
 The model is loaded, rewritten from outside (:mod:`lmzoo.peft.lora`, :mod:`lmzoo.peft.qlora`), optionally
 partly frozen by a name pattern, and handed to :class:`lmzoo.train.Trainer` (``model=``), which trains
@@ -20,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ConfigError, LmzooError
+from .distill import DistillLoss, check_vocab
 from .lora import LoRAConfig, apply_lora, load_adapter, save_adapter, trainable_params
 from .qlora import quantize_model
 
@@ -43,28 +52,91 @@ def load_base(path: str | Path, device: str = "cpu"):
     return ckpt.load(p, device=device), ckpt.load_tokenizer_of(p)
 
 
+def _tokenizer_named(name: str):
+    """The instruction tokenizer when the base has none saved: ``byte`` or a tokenizer directory."""
+    from ..tokenizer import ByteTokenizer, load_tokenizer
+
+    if name == "byte":
+        return ByteTokenizer()
+    if Path(name).is_dir():
+        return load_tokenizer(name)
+    raise ConfigError(
+        f"instruction tuning needs the base model's tokenizer: the base has none saved and --tokenizer={name} "
+        "is not byte or a tokenizer directory"
+    )
+
+
+def _check_data_tokenizer(trainer, tok, name: str) -> None:
+    """ConfigError when the prepared corpus was tokenized otherwise than the model (or teacher) expects."""
+    if tok is None or trainer.data_dir is None:
+        return
+    from ..tokenizer import load_tokenizer
+    from ..train.runtime import same_tokenizer
+
+    if not same_tokenizer(load_tokenizer(trainer.data_dir / "tokenizer"), tok):
+        raise ConfigError(
+            f"the data in {trainer.data_dir} (--tokenizer={name}) is not in the base model's or teacher's tokenizer; "
+            "pass --tokenizer=<checkpoint>/tokenizer"
+        )
+
+
 def finetune(
     base: str | Path,
-    method: Literal["full", "lora", "qlora"] = "lora",
+    method: Literal["full", "lora", "qlora"] | None = None,
     target: str = "attn.qkv|attn.proj",
     r: int = 8,
     alpha: float = 16.0,
     dropout: float = 0.0,
     freeze: str | None = None,
     adapter: str | Path | None = None,
+    instruct: str | Path | None = None,
+    instruct_val: str | Path | None = None,
+    teacher: str | Path | None = None,
+    kd_alpha: float = 0.5,
+    temperature: float = 2.0,
     **train_overrides: Any,
 ) -> dict[str, Any]:
     """Fine-tune ``base`` and return the trainer's summary plus ``trainable`` and ``adapter_dir``.
 
+    ``base``: a checkpoint / run / HF directory, or a preset name (a freshly initialized student).
     ``method``: ``full`` (every parameter, except those whose name matches ``freeze``), ``lora`` or
-    ``qlora`` (NF4 base). ``train_overrides`` are :class:`lmzoo.TrainConfig` fields (data source,
-    tokenizer, max_steps, lr, out_dir, resume...). The data must use the base model's tokenizer.
+    ``qlora`` (NF4 base); default ``lora`` for a directory, ``full`` for a preset. ``instruct``: JSONL of
+    prompt/response or chat examples (loss on the responses only, packed into ``block_size`` rows;
+    ``instruct_val`` or the last 10% held out for validation). ``teacher``: a checkpoint or HF directory;
+    the loss becomes ``kd_alpha * CE + (1 - kd_alpha) * temperature^2 * KL``. ``train_overrides`` are
+    :class:`lmzoo.TrainConfig` fields (data source, tokenizer, max_steps, lr, out_dir, resume...). The data
+    must use the base model's (and the teacher's) tokenizer.
     """
+    from ..models import PRESETS, build
     from ..train import TrainConfig, Trainer
+    from ..train.trainer import resolve_device, seed_everything
+    from .instruct import instruct_loaders
 
+    fresh = str(base) in PRESETS and not Path(base).exists()
+    method = method or ("full" if fresh else "lora")
     if method not in ("full", "lora", "qlora"):
         raise ConfigError(f"finetune method must be full, lora or qlora, got {method!r}")
-    model, tok = load_base(base)
+    if fresh and (method != "full" or adapter):
+        raise ConfigError(f"{base} is a preset: a fresh model trains fully (method full, no adapter)")
+    # a directory's model replaces the preset (model= below); a preset base is the preset trained
+    cfg = TrainConfig.from_dict({"model": "gpt2-debug", **train_overrides, **({"model": str(base)} if fresh else {})})
+    t_model, tok = load_base(teacher) if teacher else (None, None)
+    if fresh and t_model is None and not instruct:  # plain training of a preset: the trainer builds it
+        if freeze:
+            raise ConfigError("freeze= needs a base checkpoint or a teacher/instruction data")
+        trainer = Trainer(cfg)
+        return {**trainer.train(), "trainable": trainable_params(trainer.model), "method": "full"}
+    if fresh:
+        tok = tok or (_tokenizer_named(cfg.tokenizer) if instruct else None)
+        vocab = t_model.config.vocab_size if t_model is not None else tok.vocab_size
+        args = {"vocab_size": vocab, **({"block_size": cfg.block_size} if cfg.block_size else {}), **cfg.model_args}
+        seed_everything(cfg.seed)  # the same initial weights as `lmzoo train` of this preset and seed
+        model = build(str(base), **args)
+    else:
+        model, base_tok = load_base(base)
+        tok = base_tok or tok or (_tokenizer_named(cfg.tokenizer) if instruct else None)
+    if t_model is not None:
+        check_vocab(t_model, model)
     model.train()
     if method == "qlora":
         quantize_model(model, compute_dtype=torch.float32)
@@ -85,9 +157,16 @@ def finetune(
     n = trainable_params(model)
     if n == 0:
         raise ConfigError(f"nothing left to train (freeze={freeze!r} matches every trainable parameter)")
-    cfg = TrainConfig.from_dict({"model": "gpt2-debug", **train_overrides})  # model= below replaces the preset
-    summary = Trainer(cfg, model=model, tokenizer=tok).train()
-    summary = {**summary, "trainable": n}
+    data = None
+    if instruct:
+        block = cfg.block_size or model.config.block_size
+        data = instruct_loaders(tok, instruct, block, cfg.batch_size, val=instruct_val, seed=cfg.seed,
+                                device=resolve_device(cfg.device))
+    loss_fn = DistillLoss(t_model, kd_alpha, temperature) if t_model is not None else None
+    trainer = Trainer(cfg, model=model, tokenizer=tok, data=data, loss_fn=loss_fn)
+    _check_data_tokenizer(trainer, tok, cfg.tokenizer)
+    summary = trainer.train()
+    summary = {**summary, "trainable": n, "method": method}
     if getattr(model, "lora", None):
         summary["adapter_dir"] = str(save_adapter(model, Path(cfg.out_dir) / "adapter"))
     return summary

@@ -18,6 +18,10 @@ is the next token where that token belongs to an assistant turn (its content and
 straddles two rows; the rest of a row is padding with target -1), so few positions are wasted. Packed
 examples can attend to earlier examples in the row (the usual, cheap packing); the end token separates
 them and the model learns that what comes before it is unrelated.
+
+**Training.** :func:`instruct_loaders` gives the shared trainer in-memory loaders of packed rows
+(``Trainer(cfg, model=..., tokenizer=..., data=(train, val))``; ``lmzoo finetune --instruct``): the
+model's own loss, which ignores -1, is then the response-only loss.
 """
 
 from __future__ import annotations
@@ -149,29 +153,76 @@ def exact_match(model, tok, chats: Sequence[Sequence[Message]], max_new_tokens: 
     return hits / len(chats)
 
 
-def tune(
-    model, inputs: torch.Tensor, targets: torch.Tensor, steps: int, lr: float = 1e-3, batch_size: int = 32,
-    weight_decay: float = 0.0, seed: int = 0, log_every: int = 0,
-) -> list[float]:
-    """A minimal AdamW loop over packed rows (random batches), training what ``requires_grad``.
+class PackedLoader:
+    """Endless ``(x, y)`` batches of packed instruction rows held in memory, with the
+    :class:`lmzoo.data.TokenLoader` protocol the shared trainer reads (``Trainer(data=...)``).
 
-    The shared :class:`lmzoo.train.Trainer` reads token streams from disk; masked, packed instruction
-    rows are held here in memory instead. Returns the loss of every step.
+    ``random``: batch ``s`` draws ``batch_size`` rows from a generator seeded with ``(seed, s)``;
+    ``sequential``: batch ``s`` is rows ``s * batch_size ...`` (mod N), for a fixed validation pass. Either
+    way a batch is a pure function of the step, so ``state_dict()`` (the step) is all that resuming needs.
     """
-    g = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    device = next(model.parameters()).device
-    model.train()
-    losses = []
-    for step in range(steps):
-        rows = torch.randint(0, inputs.shape[0], (batch_size,), generator=g)
-        loss = model(inputs[rows].to(device), targets=targets[rows].to(device)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if log_every and step % log_every == 0:
-            print(f"step {step}: loss {loss.item():.4f}")
-    return losses
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int = 0,
+                 mode: str = "random", device: str | torch.device = "cpu", vocab_size: int | None = None):
+        if mode not in ("random", "sequential"):
+            raise DataError(f"unknown mode {mode!r} (random, sequential)")
+        self.inputs, self.targets = inputs, targets
+        self.batch_size, self.seed, self.mode = batch_size, seed, mode
+        self.block_size = inputs.shape[1]
+        self.device = torch.device(device)
+        self.meta = {"vocab_size": vocab_size or int(inputs.max()) + 1, "rows": inputs.shape[0],
+                     "trained_tokens": int((targets >= 0).sum())}
+        self.step = 0
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.inputs.shape[0]
+        if self.mode == "random":
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            rows = torch.randint(0, n, (self.batch_size,), generator=g)
+        else:
+            rows = (step * self.batch_size + torch.arange(self.batch_size)) % n
+        return self.inputs[rows].to(self.device), self.targets[rows].to(self.device)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.seed, "mode": self.mode, "block_size": self.block_size,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("mode", "block_size", "batch_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"loader state has {key}={state[key]!r}, this loader {getattr(self, key)!r}")
+        self.step = int(state["step"])
+
+
+def instruct_loaders(
+    tok, train: str | Path | Sequence[Sequence[Message]], block_size: int, batch_size: int,
+    val: str | Path | Sequence[Sequence[Message]] | None = None, val_fraction: float = 0.1, seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[PackedLoader, PackedLoader]:
+    """``(train, val)`` loaders of packed, response-masked rows from a JSONL path or a list of chats.
+
+    Without ``val``, the last ``val_fraction`` of the examples (at least one) is held out; the rest
+    is shuffled with ``seed`` before packing.
+    """
+    chats = read_jsonl(train) if isinstance(train, (str, Path)) else list(train)
+    if val is None:
+        if len(chats) < 2:
+            raise DataError(f"{train}: need at least 2 examples to hold one out for validation")
+        n_val = max(1, int(len(chats) * val_fraction))
+        chats, val_chats = chats[:-n_val], chats[-n_val:]
+    else:
+        val_chats = read_jsonl(val) if isinstance(val, (str, Path)) else list(val)
+    if not chats or not val_chats:
+        raise DataError("instruction data: no training or no validation examples")
+    random.Random(seed).shuffle(chats)
+    pad = tok.encode(EOT, allow_special=True)[-1]
+    loaders = []
+    for part, mode in ((chats, "random"), (val_chats, "sequential")):
+        x, y = pack([encode_chat(tok, c) for c in part], block_size, pad_id=pad)
+        loaders.append(PackedLoader(x, y, batch_size, seed, mode, device, tok.vocab_size))
+    return loaders[0], loaders[1]

@@ -168,3 +168,42 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, nf4, double_quant={self.double_quant}"
+
+
+def compare_with_bitsandbytes(rows: int = 1024, cols: int = 768, seed: int = 0,
+                              dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> dict:
+    """lmzoo's NF4 against bitsandbytes' on the same weights, on CUDA (needs ``bitsandbytes`` and a GPU).
+
+    Per dtype: ``pack_equal`` (the packed 4-bit indices of one normal weight, block 64, no double
+    quantization), ``absmax_equal`` (the per-block scales), ``dequant_equal`` / ``dequant_max_abs_diff``
+    (lmzoo's dequantization of bitsandbytes' own packed bytes and scales vs ``bf.dequantize_4bit``), and
+    ``roundtrip_equal`` (lmzoo quantize -> dequantize vs bitsandbytes quantize -> dequantize). Raises
+    ``RuntimeError`` naming what is missing. The double-quantized scales differ by design (module docs).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device: bitsandbytes' NF4 kernels need one")
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bf
+    except ImportError as e:
+        raise RuntimeError(f"bitsandbytes is not installed ({e})") from None
+    out: dict = {"bitsandbytes": bitsandbytes.__version__, "shape": [rows, cols], "block": BLOCK,
+                 "device": torch.cuda.get_device_name()}
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w32 = torch.randn(rows, cols, device="cuda", generator=g) * 0.02
+    for name in dtypes:
+        w = w32.to(getattr(torch, name))
+        packed, state = bf.quantize_4bit(w, blocksize=BLOCK, quant_type="nf4", compress_statistics=False)
+        ref = bf.dequantize_4bit(packed, state)
+        idx, absmax = quantize_blocks(w)
+        mine = dequantize_blocks(unpack(packed.reshape(-1)), state.absmax.float(), w.shape, w.dtype)
+        out[name] = {
+            "pack_equal": bool(torch.equal(pack(idx), packed.reshape(-1))),
+            "absmax_equal": bool(torch.equal(absmax, state.absmax.float())),
+            "dequant_equal": bool(torch.equal(mine, ref)),
+            "dequant_max_abs_diff": float((mine.float() - ref.float()).abs().max()),
+            "roundtrip_equal": bool(torch.equal(dequantize_blocks(idx, absmax, w.shape, w.dtype), ref)),
+        }
+    out["all_equal"] = all(v["pack_equal"] and v["dequant_equal"] and v["roundtrip_equal"]
+                           for k, v in out.items() if k in dtypes)
+    return out

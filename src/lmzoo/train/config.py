@@ -37,6 +37,7 @@ class TrainConfig(Config):
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ code generation)
     grad_checkpointing: bool = False  # recompute each block's activations in backward
+    memory_check: bool = True  # refuse a model whose estimated memory exceeds the device's (lmzoo.memguard)
     # batch (docs/gradient-accumulation.md)
     batch_size: int = 12  # sequences per micro-batch
     block_size: int | None = None  # context length; default the model's block_size
@@ -45,6 +46,9 @@ class TrainConfig(Config):
     batch_ramp_steps: int = 0  # grow micro-batches per step linearly over this many steps (0: off)
     batch_ramp_start: int = 1  # micro-batches per step at step 0 of the ramp
     max_steps: int = 2000
+    # [issue 9] random: each rank draws its own windows; sequential: consecutive windows split across ranks, so N
+    # data-parallel ranks read exactly the rows one process would (the same run at any world size)
+    data_order: Literal["random", "sequential"] = "random"
     # segment-level recurrence (Transformer-XL, docs/transformer-xl.md): each row reads a continuous stream
     # (loader mode "stream") and the model's cache (its memory) carries from batch to batch, no gradient
     recurrence: bool = False

@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -27,9 +25,10 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
-from ..atomic import atomic_write_text
-from ..errors import CheckpointError, ConfigError, DataError, LmzooError
+from ..atomic import atomic_write_text, clean_stale, remove_tree
+from ..errors import CheckpointError, ConfigError, DataError, LmzooError, ResourceError
 from ..layers.moe import loggable
+from ..memguard import check_fits
 from ..models import PRESETS, build_model, config_to_dict, preset_config
 from .activation_checkpointing import apply_activation_checkpointing
 from .config import TrainConfig, accumulation_steps, grad_accum_at
@@ -50,9 +49,17 @@ from .schedule import lr_at
 
 
 class Trainer:
-    """Builds data, model and optimizer from a :class:`TrainConfig` and runs the loop."""
+    """Builds data, model and optimizer from a :class:`TrainConfig` and runs the loop.
 
-    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None):
+    Two hooks let fine-tuning reuse the loop (``lmzoo.peft.finetune``): ``data=(train, val)`` loaders
+    with the :class:`~lmzoo.data.TokenLoader` protocol (``next_batch()``, ``state_dict()``,
+    ``load_state_dict()``, ``block_size``, ``meta``) replace the prepared token files (e.g. packed
+    instruction rows whose targets are -1 outside the responses; needs ``model`` and ``tokenizer``);
+    ``loss_fn(model, x, y, cache=None) -> LMOutput`` replaces the model's own training loss (e.g.
+    distillation against a teacher). Evaluation keeps the model's own loss on the val batches.
+    """
+
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, data=None, loss_fn=None):
         from ..data import TokenLoader, load_meta, prepare
         from ..tokenizer import load_tokenizer
 
@@ -66,24 +73,29 @@ class Trainer:
         setup_tf32(self.device, cfg.tf32)
         self.out_dir = Path(cfg.out_dir)
         self.run_name = cfg.run_name or self.out_dir.resolve().name
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         # [issue 9] torchrun: check the layout, join the process group (docs/distributed.md)
         self.dist = dist.setup(cfg.parallel, cfg.batch_size, cfg.global_batch, device_type=self.device.type)
         self.grad_accum = cfg.grad_accum
         if cfg.global_batch:
-            self.grad_accum = accumulation_steps(cfg.global_batch, cfg.batch_size, world)
+            self.grad_accum = accumulation_steps(cfg.global_batch, cfg.batch_size, self.dist.dp_size)  # [issue 9]
 
         if model is None:  # check the model settings before any (possibly long) data preparation
-            preset_config(cfg.model, **cfg.model_args)
+            mcfg0 = preset_config(cfg.model, **cfg.model_args)
+            # [issue 12] refuse a model whose weights + grads + AdamW state cannot fit (lmzoo.memguard)
+            check_fits(PRESETS[cfg.model][0], mcfg0, self.device, self.param_dtype, training=True,
+                       where=f"model {cfg.model}", check=cfg.memory_check)
+        if data is not None and (model is None or tokenizer is None):
+            raise ConfigError("Trainer(data=...) needs the model and tokenizer too")
+        self.loss_fn = loss_fn
         # -- data ---------------------------------------------------------------------------
-        self.data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
+        self.data_dir = None if data is not None else Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
         with dist.main_first(self.dist):  # [issue 9] rank 0 prepares, the others wait
-            if not (self.data_dir / "meta.json").is_file():
+            if data is None and not (self.data_dir / "meta.json").is_file():
                 print(f"preparing {cfg.source!r} with the {cfg.tokenizer} tokenizer into {self.data_dir}")
                 prepare(
                     cfg.source, self.data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, input=cfg.input
                 )
-        self.meta = load_meta(self.data_dir)
+        self.meta = data[0].meta if data is not None else load_meta(self.data_dir)
         self.tokenizer = tokenizer or load_tokenizer(self.data_dir / "tokenizer")
 
         # -- model --------------------------------------------------------------------------
@@ -100,21 +112,25 @@ class Trainer:
                 f"the model's vocab_size {mcfg.vocab_size} is smaller than the data's "
                 f"{self.meta['vocab_size']}"
             )
-        self.block_size = cfg.block_size or mcfg.block_size
+        self.block_size = data[0].block_size if data is not None else cfg.block_size or mcfg.block_size
         if self.block_size > mcfg.block_size and getattr(self.model, "wpe", None) is not None:
             raise ConfigError(f"block_size {self.block_size} exceeds the model's {mcfg.block_size}")
-        try:
-            mode = "stream" if cfg.recurrence else "random"
-            self.train_loader = TokenLoader(
-                self.data_dir, "train", self.block_size, cfg.batch_size, seed=cfg.seed, device=self.device, mode=mode,
-                rank=self.dist.dp_rank, world_size=self.dist.dp_size,  # [issue 9] each rank its own windows
-            )
-            self.val_loader = TokenLoader(
-                self.data_dir, "val", self.block_size, cfg.batch_size, seed=cfg.seed + 1, device=self.device,
-                mode=mode, rank=self.dist.dp_rank, world_size=self.dist.dp_size,  # [issue 9]
-            )
-        except DataError as e:
-            raise DataError(f"{e} (block_size {self.block_size} is larger than the data allows)") from None
+        if data is not None:
+            self.train_loader, self.val_loader = data
+        else:
+            try:
+                mode = "stream" if cfg.recurrence else cfg.data_order
+                self.train_loader = TokenLoader(
+                    self.data_dir, "train", self.block_size, cfg.batch_size, seed=cfg.seed, device=self.device,
+                    mode=mode, rank=self.dist.dp_rank, world_size=self.dist.dp_size,  # [issue 9] own windows
+                    prefetch=self.device.type == "cuda",  # [issue 11] read batch s+1 while the GPU runs s
+                )
+                self.val_loader = TokenLoader(
+                    self.data_dir, "val", self.block_size, cfg.batch_size, seed=cfg.seed + 1, device=self.device,
+                    mode=mode, rank=self.dist.dp_rank, world_size=self.dist.dp_size,  # [issue 9]
+                )
+            except DataError as e:
+                raise DataError(f"{e} (block_size {self.block_size} is larger than the data allows)") from None
         self._val_start = self.val_loader.state_dict()
         # recurrence: the training memory (the model's cache, bounded: e.g. Transformer-XL's mem_len);
         # not checkpointed, a resumed run starts with an empty one
@@ -125,16 +141,19 @@ class Trainer:
             apply_precision(self.model, self.param_dtype, cfg.fp32_norms)
         if cfg.grad_checkpointing:
             apply_activation_checkpointing(self.model)
-        # [issue 9] data parallel wrapper (DDP); self.model stays the plain module (checkpoints, eval)
-        self.train_model = dist.parallelize_for_trainer(self.model, self.dist, cfg.batch_size, cfg.global_batch)
+        # [issue 9] ddp / fsdp / tp / pp from outside (distributed/engine.py); self.model keeps its names.
+        # train_model: what a step calls (None under pp: self.par.pipeline runs the stages)
+        self.par = dist.parallelize_for_trainer(self.model, self.dist, cfg.batch_size, cfg.global_batch)
+        self.train_model = self.par.module
         self.optimizer = make_optimizer(  # [issue 9] adamw | muon | ademamix (train/optimizers.py)
-            cfg.optimizer, self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.eps,
+            cfg.optimizer, self.par.opt_module, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.eps,
             cfg.decay_embeddings, cfg.optimizer_args,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.autocast = autocast(self.device, self.dtype)
         self.step_fn = (
-            torch.compile(self.train_model, backend=cfg.compile_backend) if cfg.compile else self.train_model
+            torch.compile(self.train_model, backend=cfg.compile_backend)
+            if cfg.compile and self.train_model is not None else self.train_model
         )
         self.flops_per_token = self.model.flops_per_token(self.block_size)
         self.peak_flops, self.device_name = device_peak_flops(self.device, cfg.peak_flops)
@@ -185,27 +204,35 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write ckpt-<step> atomically, point LATEST at it, then prune old ones."""
         name = f"ckpt-{self.step:08d}"
+        # [issue 9] fsdp/tp/pp: every rank writes its shards (dcp/) and helps gather the whole weights
+        shards = self.par.save_shards(self.out_dir / f"{name}.dcp", self.optimizer)
+        weights = self.par.full_state()
         if not self.dist.is_main:  # [issue 9] DDP: replicas are identical, rank 0 writes
             return self.out_dir / name
 
         def write() -> None:
+            state = self.state_dict()
+            if shards is not None:
+                del state["optimizer"]  # sharded, in dcp/
             ckpt.write_checkpoint(
-                self.model, self.out_dir / name, self.tokenizer, self.state_dict(), extra={"step": self.step}
+                self.model, self.out_dir / name, self.tokenizer, state, extra={"step": self.step}, weights=weights,
+                shards=shards,
             )
             ckpt.mark_latest(self.out_dir, name)
 
         self._guarded_write(f"checkpoint {name}", write)
         old = sorted(p for p in self.out_dir.glob("ckpt-*") if p.is_dir() and p.name != name)
         for p in old[: max(0, len(old) - (self.cfg.keep_last - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(p)  # renamed away first: a kill mid-delete leaves no half checkpoint
         return self.out_dir / name
 
     def _save_best(self) -> None:
+        weights = self.par.full_state()  # [issue 9] fsdp/tp/pp: every rank takes part in the gather
         if not self.dist.is_main:  # [issue 9]
             return
         def write() -> None:
             extra = {"step": self.step}
-            ckpt.write_checkpoint(self.model, self.out_dir / "best", self.tokenizer, extra=extra)
+            ckpt.write_checkpoint(self.model, self.out_dir / "best", self.tokenizer, extra=extra, weights=weights)
 
         self._guarded_write("the best checkpoint", write)
 
@@ -228,11 +255,16 @@ class Trainer:
                 f"cannot resume from {d}: it was trained with another tokenizer than {self.data_dir}'s "
                 "(same vocabulary size, different tokens)"
             )
-        ckpt.load_weights(self.model, d / ckpt.WEIGHTS)
         st = ckpt.load_train_state(d)
-        self.optimizer.load_state_dict(st["optimizer"])
+        if (d / "dcp").is_dir():  # [issue 9] sharded weights + optimizer state, read into this run's layout
+            self.par.load_shards(d / "dcp", self.optimizer)
+        elif self.par.sharded:
+            raise CheckpointError(f"cannot resume parallel.mode={self.par.mode} from {d}: it has no sharded dcp/")
+        else:
+            ckpt.load_weights(self.model, d / ckpt.WEIGHTS)
+            self.optimizer.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
-        self.train_loader.load_state_dict(st["train_loader"])
+        self.train_loader.load_state_dict(dist.loader_state(st["train_loader"], self.dist.dp_size))  # [issue 9]
         set_rng_state(st["rng"])
         self.step, self.tokens_seen, self.best_val = st["step"], st["tokens_seen"], st["best_val"]
         self.es_best = st.get("es_best", self.best_val)
@@ -251,6 +283,9 @@ class Trainer:
         for _ in range(iters or self.cfg.eval_iters):
             x, y = self.val_loader.next_batch()
             with self.autocast:
+                if self.par.pipeline is not None:  # [issue 9] pp: the stages run the forward in turn
+                    losses.append(self.par.pipeline.eval_loss(x, y))
+                    continue
                 losses.append(self.model(x, y, cache=memory).loss.float().item())
         self.model.train()
         return dist.reduce_mean(sum(losses) / len(losses), self.dist)  # [issue 9] mean over ranks' shards
@@ -310,6 +345,7 @@ class Trainer:
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:  # [issue 9]
+            clean_stale(self.out_dir)  # what a kill -9 inside an atomic write or a prune left behind
             atomic_write_text(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         log = self._open_loggers()
         log.log(
@@ -347,18 +383,26 @@ class Trainer:
                         group["lr"] = lr
                     accum = grad_accum_at(self.step, cfg, self.grad_accum)
                     loss_sum = torch.zeros((), device=self.device)
+                    out = None
                     for micro in range(accum):
                         x, y = self.train_loader.next_batch()
+                        if self.par.pipeline is not None:  # [issue 9] pp: the schedule runs every stage
+                            with self.autocast:
+                                loss_sum += self.par.pipeline.step(x, y, accum) / accum
+                            continue
                         # [issue 9] DDP: all-reduce gradients only after the last micro-batch (no_sync)
                         with dist.gradient_sync(self.train_model, micro == accum - 1):
                             with self.autocast:
-                                out = self.step_fn(x, y, cache=self.memory)
+                                if self.loss_fn is None:
+                                    out = self.step_fn(x, y, cache=self.memory)
+                                else:  # e.g. distillation (peft/distill.py)
+                                    out = self.loss_fn(self.step_fn, x, y, cache=self.memory)
                                 loss = out.loss / accum
                             self.scaler.scale(loss).backward()
                         loss_sum += loss.detach()
                     self.scaler.unscale_(opt)
                     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                    norm = self.par.clip_grad_norm(clip)  # [issue 9] the global norm, shards counted once
                     loss_val, norm_val = dist.reduce_mean(loss_sum, self.dist), float(norm)  # [issue 9] mean over ranks
                     if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
                         self._skip_step(opt, log, loss_val, norm_val)
@@ -368,7 +412,7 @@ class Trainer:
                     self.scaler.update()
                     opt.zero_grad(set_to_none=True)
                     self.step += 1
-                    step_tokens = cfg.batch_size * self.block_size * accum
+                    step_tokens = cfg.batch_size * self.block_size * accum * self.dist.dp_size  # [issue 9] all ranks
                     self.tokens_seen += step_tokens
                     session_tokens += step_tokens
                     dt = time.time() - t0
@@ -377,7 +421,8 @@ class Trainer:
                         loss=loss_val, lr=lr, grad_norm=norm_val, tokens=self.tokens_seen, tokens_per_s=tok_s,
                         step_ms=1000 * dt, micro_batches=accum,
                     )
-                    rec.update(loggable(out.aux))  # MoE: router losses, expert loads (last micro-batch)
+                    if out is not None:
+                        rec.update(loggable(out.aux))  # MoE: router losses, expert loads (last micro-batch)
                     if self.peak_flops:
                         rec["mfu"] = mfu(self.flops_per_token, tok_s, self.peak_flops)
                     if self.step % cfg.system_metrics_interval == 0:
@@ -420,6 +465,15 @@ class Trainer:
                     if self._stop_signal is not None:
                         stop_reason = "signal"
                         break
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                log.log("event", self.step, event="error", error=f"{type(e).__name__}: {str(e)[:300]}")
+                log.close()
+                raise
+            err = self._out_of_memory()  # no checkpoint is written after this: the last one stays valid
+            log.log("event", self.step, event="error", error=f"ResourceError: {err}")
+            log.close()
+            raise err from None
         except BaseException as e:
             log.log("event", self.step, event="error", error=f"{type(e).__name__}: {str(e)[:300]}")
             log.close()
@@ -462,6 +516,20 @@ class Trainer:
             return False
         self.es_bad_evals += 1
         return self.es_bad_evals >= cfg.early_stop_patience
+
+    def _out_of_memory(self) -> ResourceError:
+        """One line for an out-of-memory error in a step: the sizes that set the memory, what to change."""
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = max(1, cfg.batch_size // 2)
+        accum = self.grad_accum * cfg.batch_size // half
+        return ResourceError(
+            f"out of memory on {self.device} at step {self.step} with micro-batch size {cfg.batch_size}, sequence "
+            f"length {self.block_size}, {self.grad_accum} micro-batch(es) per step; try --batch_size={half} "
+            f"--grad_accum={accum} (same tokens per step), --grad_checkpointing=true, --dtype=bfloat16 or a "
+            f"smaller model; the last checkpoint {self._latest_name()} is intact (resume with --resume)"
+        )
 
     def _skip_step(self, opt, log, loss_val: float, norm_val: float) -> None:
         opt.zero_grad(set_to_none=True)
