@@ -71,7 +71,10 @@ def main() -> None:
             )
             t0, load0 = time.time(), os.getloadavg()[0]
             trainer = Trainer(cfg)
-            val = trainer.train()["val_loss"]
+            summary = trainer.train()
+            if summary["step"] < args.steps:  # stopped early (a signal): not a point of the comparison
+                raise SystemExit(f"muon_vs_adamw: {name} lr {lr:g} stopped at step {summary['step']}")
+            val = summary["val_loss"]
             row = {"benchmark": "muon_vs_adamw", "setting": args.setting, "optimizer": name, "lr": lr,
                    "steps": args.steps, "batch": [args.batch_size, args.block_size],
                    "params": trainer.model.num_params(), "val_loss": round(val, 4),

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
+import random
 import time
 from pathlib import Path
 
@@ -35,7 +37,7 @@ def read_runs(paths: list[str]) -> list[dict]:
     runs = []
     for p in paths:
         runs += [json.loads(ln) for ln in Path(p).read_text().splitlines() if ln.startswith('{"depth"')]
-    return runs
+    return [r for r in runs if math.isfinite(r["val_loss"])]  # an interrupted run has no final loss
 
 
 def main() -> None:
@@ -44,7 +46,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/scaling")
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--steps", type=int, nargs="+", default=[40, 80, 160], help="plain grid (without --flops)")
-    ap.add_argument("--flops", type=float, nargs="+", help="IsoFLOP budgets C = 6ND (replaces --steps)")
+    ap.add_argument("--flops", type=float, nargs="+",
+                    help="IsoFLOP budgets C = 6ND (replace --steps; with --from-log: the plot's budgets)")
     ap.add_argument("--min-steps", type=int, default=50)
     ap.add_argument("--max-tokens", type=float, default=5.6e6, help="IsoFLOP: leave out runs over this many tokens")
     ap.add_argument("--aspect", type=int, default=32)
@@ -55,6 +58,8 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1", help="i/n: run only runs i, i+n, ... of the plan (largest first)")
     ap.add_argument("--jsonl", help="append each run's JSON line to this file")
     ap.add_argument("--plot", default="docs/figures/scaling-sweep.png")
+    ap.add_argument("--e-range", type=float, nargs=2, metavar=("LO", "HI"), help="bound the fitted E")
+    ap.add_argument("--bootstrap", type=int, default=0, help="refit on this many resamples of the runs")
     ap.add_argument("--fit-json", help="write the fit and frontier as JSON to this file")
     ap.add_argument("--from-log", nargs="+", help="fit and plot the JSON lines of previous runs (no training)")
     args = ap.parse_args()
@@ -90,15 +95,31 @@ def main() -> None:
             return  # a shard only trains; fit the shards' files together with --from-log
     ns, ds, ls = ([r[k] for r in runs] for k in ("params", "tokens", "val_loss"))
     t0 = time.time()
-    fit = fit_scaling_law(ns, ds, ls)
+    e_range = tuple(args.e_range) if args.e_range else (None, None)
+    fit = fit_scaling_law(ns, ds, ls, e_range=e_range)
     out = {**fit.summary(), "runs": len(runs), "fit_s": round(time.time() - t0, 1)}
+    if args.bootstrap:  # refit on runs resampled with replacement: how well the sweep pins each constant
+        rng = random.Random(0)
+        keys = ("E", "A", "B", "alpha", "beta")
+        samples: dict[str, list[float]] = {k: [] for k in (*keys, "a")}
+        for _ in range(args.bootstrap):
+            pick = [rng.randrange(len(runs)) for _ in runs]
+            if len({(ns[i], ds[i]) for i in pick}) < 5:
+                continue
+            f = fit_scaling_law([ns[i] for i in pick], [ds[i] for i in pick], [ls[i] for i in pick], e_range=e_range)
+            for k in keys:
+                samples[k].append(getattr(f, k))
+            samples["a"].append(f.beta / (f.alpha + f.beta))
+        out["bootstrap"] = {k: {"p10": sorted(v)[len(v) // 10], "median": sorted(v)[len(v) // 2],
+                                "p90": sorted(v)[(9 * len(v)) // 10]} for k, v in samples.items() if v}
+        out["bootstrap_n"] = len(samples["E"])
     print(json.dumps(out), flush=True)
     if args.fit_json:
         tmp = Path(args.fit_json + ".tmp")
         tmp.write_text(json.dumps(out, indent=1) + "\n")
         tmp.replace(args.fit_json)
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    plot_fit(fit, ns, ds, ls, args.plot)
+    plot_fit(fit, ns, ds, ls, args.plot, budgets=args.flops)
     print(json.dumps({"plot": args.plot}))
 
 

@@ -63,7 +63,8 @@ def test_gpu_script_smoke_runs_on_cpu_and_checks_itself(tmp_path):
     for r in printed:
         assert "error" not in r, r
         by.setdefault(r["section"], []).append(r)
-    assert {r["model"] for r in by["train"]} == {"lmzoo", "lmzoo_chunked_ce", "nanogpt_style_ref"}
+    variants = {"lmzoo", "lmzoo_chunked_ce", "lmzoo_cudnn_attention", "nanogpt_style_ref"}
+    assert {r["model"] for r in by["train"]} == variants
     assert all(r["tokens_per_s"] > 0 for r in by["train"])
     assert by["loss"][0]["ok"] and by["loss"][0]["tolerance"] == 0.1
     assert {r["model"] for r in by["decode"]} == {"gpt2", "llama_1b_shape"}

@@ -67,3 +67,12 @@ def test_gpt2_preset_parameter_count_unchanged_by_default():
     with torch.device("meta"):
         model = build_model("gpt2", cfg)
     assert model.num_params() == 124_439_808
+
+
+def test_padded_vocabulary_is_refused_by_the_hf_export(tmp_path):
+    from lmzoo import to_hf
+    from lmzoo.errors import ConfigError
+
+    model = build_model("gpt2", preset_config("gpt2-debug", n_kv_head=4, vocab_multiple=128))
+    with pytest.raises(ConfigError, match="vocab_multiple=128"):
+        to_hf(model, tmp_path / "hf")

@@ -100,6 +100,13 @@ def test_cli_distills_through_the_trainer(tmp_path):
     student = lmzoo.load(tmp_path / "fresh")
     assert student.config.n_embd == 32 and student.config.vocab_size == 257  # the teacher's vocabulary
 
+    # a mixture-of-experts student (another family layout than its teacher) keeps its router loss
+    moe = ["finetune", "gpt2-moe-debug", f"--teacher={teacher}", "--max_steps=1", f"--out_dir={tmp_path / 'moe'}",
+           *common]
+    assert main(moe) == 0
+    r, w = _train_records(tmp_path / "moe")[0], lmzoo.load(tmp_path / "moe").config.moe_aux_weight
+    assert r["moe_balance"] > 0 and abs(r["loss"] - (0.5 * r["ce"] + 2.0 * r["kl"] + w * r["moe_balance"])) < 1e-4
+
 
 def test_cli_refuses_a_teacher_with_another_vocabulary(tmp_path, capsys):
     from lmzoo.cli import main

@@ -12,9 +12,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval adapter needs the h
 pytestmark = pytest.mark.slow  # importing the harness (transformers, datasets, ...) takes minutes on a busy CPU
 
 
-def test_the_harness_evaluates_an_lmzoo_checkpoint_on_a_local_task(tmp_path, tmp_path_factory, monkeypatch, request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("slow (imports the whole harness): run with -m slow")
+def test_the_harness_evaluates_an_lmzoo_checkpoint_on_a_local_task(tmp_path, tmp_path_factory, monkeypatch):
     from lm_eval.tasks import TaskManager
 
     from lmzoo.integrations.lm_eval import LmzooLM

@@ -83,6 +83,26 @@ def test_lmzoo_scale_runs_a_tiny_sweep_writes_fit_json_and_plot(tmp_path, capsys
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+
+def test_lmzoo_scale_isoflop_budgets_spend_each_budget(tmp_path, capsys):
+    pytest.importorskip("scipy")
+    pytest.importorskip("matplotlib")
+    import json
+
+    from lmzoo.cli import main
+
+    out = tmp_path / "iso"
+    rc = main(["scale", "--source", str(_corpus(tmp_path / "w.txt")), "--out", str(out), "--depths", "1", "2", "3",
+               "--budgets", "2e7", "6e7", "--min-steps", "3", "--aspect", "8", "--head-dim", "4", "--batch-size", "4",
+               "--block-size", "16", "--plot", str(tmp_path / "iso.png")])
+    assert rc == 0, capsys.readouterr().err
+    runs = json.loads((out / "fit.json").read_text())["runs"]
+    assert len(runs) >= 5 and {r["depth"] for r in runs} == {1, 2, 3}
+    for r in runs:  # each run spends its budget up to the rounding of its step count
+        budget = min((2e7, 6e7), key=lambda c: abs(np.log(r["flops"] / c)))
+        assert r["flops"] == pytest.approx(budget, rel=0.5 / r["steps"] + 1e-9)
+    assert (tmp_path / "iso.png").stat().st_size > 0
+
 @pytest.mark.parametrize("argv, msg", [
     (["--depths"], "expected at least one argument"),
     (["--depths", "1", "2", "--steps", "3", "6"], "needs >= 5 runs"),  # 4 runs: refused before training

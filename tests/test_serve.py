@@ -138,3 +138,40 @@ def test_the_openai_client_works_against_the_server(base):
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == " meow."
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", max_tokens=LIMIT + 1)
+
+
+# -- under load (issue 12): many clients, misbehaving ones, SIGTERM ------------------------------------
+
+
+def _serve_load():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_load(r: dict, clients: int) -> None:
+    assert r["answered_right"] == clients  # every well-formed request: the in-process greedy answer
+    assert r["bad_status"] == {"malformed": [400], "oversized": [413], "chunked_oversized": [413],
+                               "slowloris": [None], "slow_body": [408]}
+    # slow clients are cut off at the read timeout (not held for ever, not before it)
+    assert r["read_timeout_s"] * 0.9 <= r["slow_held_s"] <= r["read_timeout_s"] + 5
+    assert r["rss_peak_mb"] - r["rss_before_mb"] < 150  # bounded: no per-connection leak or body buffering
+    assert r["shutdown_exit_code"] == 0 and r["shutdown_s"] < 10  # SIGTERM: clean exit despite a stalled client
+
+
+def test_server_under_load_with_bad_clients_then_sigterm(tmp_path_factory):
+    pytest.importorskip("psutil")
+    run = tiny_run(tmp_path_factory.getbasetemp() / "tiny_run")
+    _check_load(_serve_load().run_load(str(run), clients=50, n_bad=2, read_timeout=1.5), 50)
+
+
+@pytest.mark.slow
+def test_server_under_load_200_clients(tmp_path_factory):
+    pytest.importorskip("psutil")
+    run = tiny_run(tmp_path_factory.getbasetemp() / "tiny_run")
+    _check_load(_serve_load().run_load(str(run), clients=200, n_bad=5, read_timeout=2.0), 200)

@@ -308,3 +308,15 @@ def test_config_errors_name_the_limit():
 
     with pytest.raises(ConfigError, match=r"n_layer must be in 0..4,096, got 1,000,000,000"):
         preset_config("gpt2-debug", n_layer=10**9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_memory_is_what_is_checked_on_a_gpu(ckpt):
+    from lmzoo.models import preset_config
+
+    free = memguard.available_bytes("cuda")
+    assert free is not None and 0 < free <= torch.cuda.get_device_properties(0).total_memory
+    cfg = preset_config("llama-debug", n_layer=2048, n_embd=8192, n_head=64)  # > 5e11 bytes: no GPU has that
+    with pytest.raises(memguard.ModelTooLargeError, match="cuda has"):
+        memguard.check_fits("llama", cfg, "cuda")
+    assert lmzoo.load(ckpt, device="cuda").lm_head.weight.is_cuda

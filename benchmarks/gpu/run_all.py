@@ -7,8 +7,9 @@ Sections (``--only`` / ``--skip`` take comma-separated names):
 
 - device: name, torch/CUDA versions, bf16 8192^3 matmul TFLOP/s, device copy GB/s (read + write);
 - train: lmzoo ``gpt2`` step (vocab padded to 128, bf16 autocast, fused AdamW, compiled) at 12 x 1024
-  and 32 x 1024 (+ the chunked cross-entropy at 32 x 1024), and a nanoGPT-style reference model
-  (ref_gpt.py) timed by the same function, same card, same run; speedup = lmzoo / reference;
+  and 32 x 1024 (+ cuDNN attention preferred at 12 x 1024, the chunked cross-entropy at 32 x 1024),
+  and a nanoGPT-style reference model (ref_gpt.py) timed by the same function, same card, same
+  run; speedup = lmzoo / reference (``best_lmzoo_speedup``: the fastest lmzoo variant);
 - loss: the compiled bf16 run's loss after 50 steps on fixed random batches vs an eager float32
   run (float32 weights and matmuls, no TF32) of the same model, init and data. Passes when
   ``|loss_bf16 - loss_fp32| <= LOSS_TOL`` (0.1 nats: bf16 autocast rounds activations to 8 bits of
@@ -70,7 +71,7 @@ def sizes(smoke: bool) -> dict:
     if smoke:
         gpt = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256)
         return dict(gpt=gpt, ref=dict(vocab=256, block=64, n_layer=2, n_head=2, d=32), vocab=256, seq=32,
-                    batches=(2, 3), steps=1, warmup=1, loss_steps=3, matmul=128, copy=1 << 22, new_tokens=6,
+                    batches=(2,), steps=1, warmup=1, loss_steps=3, matmul=128, copy=1 << 22, new_tokens=5,
                     compile=False, ce_chunk=16,
                     llama=dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, mlp_hidden=64, vocab_size=256))
     return dict(gpt={}, ref={}, vocab=50257, seq=1024, batches=(12, 32), steps=20, warmup=5, loss_steps=LOSS_STEPS,
@@ -100,11 +101,13 @@ def section_train(run: Run, s: dict, loss_run: dict) -> None:
     peak, _ = device_peak_flops(dev)
     fpt = lmzoo_gpt2(s, torch.device("meta")).flops_per_token(s["seq"])  # the same for the reference
     for batch in s["batches"]:
-        variants = [("lmzoo", 0), ("nanogpt_style_ref", 0)]
+        variants = [("lmzoo", 0, None), ("nanogpt_style_ref", 0, None)]
+        if batch == s["batches"][0]:  # cuDNN's attention (Hopper) against torch's default choice
+            variants.append(("lmzoo_cudnn_attention", 0, "cudnn"))
         if batch == s["batches"][-1]:
-            variants.append(("lmzoo_chunked_ce", s["ce_chunk"]))  # last: the least needed if time runs out
+            variants.append(("lmzoo_chunked_ce", s["ce_chunk"], None))  # last: the least needed if time runs out
         result = {}
-        for name, chunk in variants:
+        for name, chunk, sdpa in variants:
             if name.startswith("nanogpt"):
                 torch.manual_seed(0)
                 with torch.device(dev):
@@ -113,7 +116,9 @@ def section_train(run: Run, s: dict, loss_run: dict) -> None:
                 model = lmzoo_gpt2(s, dev, ce_chunk=chunk)
             first = batch == s["batches"][0] and name == "lmzoo"
             steps = s["loss_steps"] - s["warmup"] if first else s["steps"]  # the loss check reuses this run
-            r = time_train_steps(model, s["vocab"], batch, s["seq"], steps, s["warmup"], s["compile"], torch.bfloat16)
+            r = time_train_steps(
+                model, s["vocab"], batch, s["seq"], steps, s["warmup"], s["compile"], torch.bfloat16, sdpa=sdpa
+            )
             losses = r.pop("losses")
             if first:
                 loss_run["bf16"] = losses
@@ -126,7 +131,10 @@ def section_train(run: Run, s: dict, loss_run: dict) -> None:
         run.emit("train_summary", batch=batch, seq=s["seq"], lmzoo_tokens_per_s=result["lmzoo"],
                  ref_tokens_per_s=result["nanogpt_style_ref"],
                  speedup=result["lmzoo"] / result["nanogpt_style_ref"],
-                 chunked_ce_tokens_per_s=result.get("lmzoo_chunked_ce"), target_speedup=1.2)
+                 chunked_ce_tokens_per_s=result.get("lmzoo_chunked_ce"),
+                 cudnn_attention_tokens_per_s=result.get("lmzoo_cudnn_attention"),
+                 best_lmzoo_speedup=max(v for k, v in result.items() if k.startswith("lmzoo"))
+                 / result["nanogpt_style_ref"], target_speedup=1.2)
 
 
 def section_loss(run: Run, s: dict, loss_run: dict) -> None:
@@ -198,7 +206,9 @@ def section_decode(run: Run, s: dict) -> None:
         eager_same_dtype = generate(model, prompt.tolist(), n, temperature=0)[0]  # dynamic cache, eager
         model = model.float()
         model.load_state_dict(fp32_state)
+        setup_tf32(dev, False)  # float32 means float32 here, not TF32 matmuls
         eager_fp32 = generate(model, prompt.tolist(), n, temperature=0)[0]
+        setup_tf32(dev, True)
         del model, fp32_state
         fast = r.pop("first_tokens")[:n]
         hf = None
@@ -225,7 +235,8 @@ def section_nf4(run: Run, s: dict) -> None:
     if run.smoke:
         run.emit("nf4", skipped="not run with --smoke")
         return
-    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
     lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     run.emit("nf4", rc=p.returncode, results=lines, stderr_tail=p.stderr.strip().splitlines()[-1:] or None)
 

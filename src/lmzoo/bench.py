@@ -12,6 +12,7 @@ synchronizations; no synchronization inside the timed loop.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 import time
@@ -87,6 +88,24 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20)
     return 2 * nbytes / _time(lambda: dst.copy_(src), device, iters) / 1e9
 
 
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+def sdpa_preference(name: str | None):
+    """A context preferring one SDPA kernel (the others stay allowed as fallbacks, in torch's order);
+    None: torch's own choice. On Hopper, cuDNN's attention can beat FlashAttention-2."""
+    if name is None:
+        return contextlib.nullcontext()
+    if name not in SDPA_BACKENDS:
+        raise ConfigError(f"unknown SDPA backend {name!r}; choose from {', '.join(SDPA_BACKENDS)}")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    order = [kinds[name]] + [k for n, k in kinds.items() if n != name]
+    return sdpa_kernel(order, set_priority=True)
+
+
 def time_train_steps(
     model: torch.nn.Module,
     vocab_size: int,
@@ -99,10 +118,12 @@ def time_train_steps(
     lr: float = 6e-4,
     seed: int = 0,
     n_batches: int = 4,
+    sdpa: str | None = None,
 ) -> dict[str, Any]:
     """Time full training steps of any model whose ``forward(x, y)[1]`` is the loss (an lmzoo LMOutput
     or nanoGPT's ``(logits, loss)``). Fixed random batches (``n_batches`` of them, cycled) drawn on
-    the device from ``seed``; returns timing and the loss after every step."""
+    the device from ``seed``; returns timing and the loss after every step. ``sdpa`` prefers one
+    attention kernel (:func:`sdpa_preference`)."""
     device = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(seed)
     data = torch.randint(0, vocab_size, (n_batches, batch, seq + 1), generator=g).to(device)
@@ -111,15 +132,17 @@ def time_train_steps(
     fwd = model
     compiled = False
     if compile:
+        torch._dynamo.reset()  # a fresh graph, traced under this run's settings (e.g. the SDPA preference)
         fwd, compiled = torch.compile(model, dynamic=False), True  # static shapes: no symbolic batch
     ctx = autocast(device, dtype)
     losses: list[torch.Tensor] = []
 
     def step(i: int) -> None:
         x, y = xs[i % n_batches], ys[i % n_batches]
-        with ctx:
-            loss = fwd(x, y)[1]
-        loss.backward()
+        with sdpa_preference(sdpa):
+            with ctx:
+                loss = fwd(x, y)[1]
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -149,6 +172,7 @@ def time_train_steps(
     dt = (time.perf_counter() - t0) / max(steps, 1)
     out = {
         "batch": batch, "seq": seq, "steps": steps, "compiled": compiled, "dtype": str(dtype).replace("torch.", ""),
+        "sdpa": sdpa,
         "step_ms": 1000 * dt, "tokens_per_s": batch * seq / dt, "warmup_s": warmup_s,
         "losses": [float(v) for v in torch.stack(losses).float().cpu()] if losses else [],
     }
@@ -173,6 +197,7 @@ def bench_train(
     peak_flops: float | None = None,
     seed: int = 0,
     model_args: dict[str, Any] | None = None,
+    sdpa: str | None = None,
 ) -> dict[str, Any]:
     """tokens/s, step time and MFU of ``preset``'s training step (see the module docstring)."""
     from .models import PRESETS, build, family_class
@@ -193,7 +218,9 @@ def bench_train(
     torch.manual_seed(seed)
     model = build(preset, **args).to(dev)
     compile = dev.type == "cuda" if compile is None else compile
-    res = time_train_steps(model, model.config.vocab_size, batch, seq, steps, warmup, compile, _dtype(dtype), seed=seed)
+    res = time_train_steps(
+        model, model.config.vocab_size, batch, seq, steps, warmup, compile, _dtype(dtype), seed=seed, sdpa=sdpa
+    )
     fpt = model.flops_per_token(seq)
     peak, name = device_peak_flops(dev, peak_flops)
     res.update(what="train", preset=preset, device=name, params=model.num_params(),
@@ -237,8 +264,17 @@ def bench_generate(
     def run() -> list[list[int]]:
         return generate_static(model, prompts, new_tokens, compile=compile)
 
+    compile_error = None
     t0 = time.perf_counter()
-    run()  # warm-up: compilation and CUDA-graph capture for these shapes
+    try:
+        run()  # warm-up: compilation and CUDA-graph capture for these shapes
+    except Exception as e:  # noqa: BLE001 - any compiler failure: report it, measure eager
+        if not compile:
+            raise
+        compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        print(f"lmzoo bench: compiling the decode step failed ({compile_error}); measuring eager", file=sys.stderr)
+        compile = False
+        run()
     warmup_s = time.perf_counter() - t0
     sync(dev)
     t0 = time.perf_counter()
@@ -254,4 +290,5 @@ def bench_generate(
         "tokens_per_s": batch * steps_per_s, "ms_per_token": 1000 / steps_per_s, "warmup_s": warmup_s,
         "weight_bytes": wbytes, "copy_gb_s": bw, "bandwidth_limit_tokens_per_s": bw * 1e9 / wbytes,
         "bandwidth_util": steps_per_s * wbytes / (bw * 1e9), "first_tokens": tokens[0][:32],
+        **({"compile_error": compile_error} if compile_error else {}),
     }

@@ -224,10 +224,12 @@ def cmd_scale(args: argparse.Namespace, extra: list[str]) -> int:
             prepare(args.source, data, tokenizer=args.tokenizer, progress=False)
         vocab = load_meta(data)["vocab_size"]
         params = {d: dial_params(d, vocab, args.block_size, args.aspect, args.head_dim) for d in args.depths}
-        plan = [(r["depth"], r["steps"]) for r in isoflop_plan(args.budgets, params, args.batch_size * args.block_size)]
+        tps = args.batch_size * args.block_size
+        plan = [(r["depth"], r["steps"]) for r in isoflop_plan(args.budgets, params, tps, args.min_steps)]
     n_runs = len(plan) if plan is not None else len(args.depths) * len(args.steps)
     if n_runs < 5:  # before any training: the fit has 5 unknowns
-        raise ConfigError(f"scale: the fit needs >= 5 runs, this sweep has {n_runs} (add depths, steps or budgets)")
+        raise ConfigError(f"scale: the fit needs >= 5 runs, this sweep has {n_runs} (add depths, steps or budgets; "
+                          "IsoFLOP runs under --min-steps are left out)")
     runs = run_sweep(args.source, args.out, args.depths, args.steps, args.aspect, args.head_dim, args.batch_size,
                      args.block_size, tokenizer=args.tokenizer, log=lambda r: print(json.dumps(r), flush=True),
                      plan=plan, data_dir=str(data))
@@ -242,7 +244,7 @@ def cmd_scale(args: argparse.Namespace, extra: list[str]) -> int:
     tmp.write_text(json.dumps({**fit.summary((args.flops,)), "runs": runs}, indent=1) + "\n")
     tmp.replace(fit_json)  # atomic: a reader never sees half a file
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    plot_fit(fit, ns, ds, ls, args.plot)
+    plot_fit(fit, ns, ds, ls, args.plot, budgets=args.budgets)
     print(f"wrote {fit_json} and {args.plot}")
     return 0
 
@@ -341,7 +343,8 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"serve: unrecognized arguments: {' '.join(extra)}")
     serve(args.checkpoint, host=args.host, port=args.port, device=args.device, model_name=args.model_name,
-          max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes, template=args.template)
+          max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes, template=args.template,
+          read_timeout_s=args.read_timeout, max_connections=args.max_connections)
     return 0
 
 
@@ -452,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--block-size", type=int, default=64)
     sc.add_argument("--flops", type=float, default=1e15, help="budget to print the compute-optimal size for")
     sc.add_argument("--budgets", type=float, nargs="+", help="IsoFLOP budgets C = 6ND (replace --steps)")
+    sc.add_argument("--min-steps", type=int, default=50, help="IsoFLOP: leave out runs shorter than this")
     sc.add_argument("--plot", default="scaling.png", help="output PNG")
     sc.add_argument("--fit-json", default=None, help="the fit and frontier as JSON (default: OUT/fit.json)")
     sc.set_defaults(func=cmd_scale)
@@ -514,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens-limit", type=int, default=512, help="larger max_tokens get a 400")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
     sv.add_argument("--template", choices=["transcript", "raw"], default="transcript", help="chat formatting")
+    sv.add_argument("--read-timeout", type=float, default=10.0, help="seconds to send headers, and the body")
+    sv.add_argument("--max-connections", type=int, default=1024, help="beyond this many at once: 503")
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)
     add_bench_parser(sub)  # lmzoo bench train|generate (cli_bench.py, docs/performance.md)

@@ -23,6 +23,7 @@ def add_bench_parser(sub) -> None:
     t.add_argument("--vocab-multiple", type=int, default=128, help="pad the vocabulary to a multiple (default 128)")
     t.add_argument("--ce-chunk", type=int, default=0, help="chunked cross-entropy, tokens per chunk (0: plain)")
     t.add_argument("--peak-flops", type=float, default=None, help="the device's peak FLOP/s for MFU (CPU)")
+    t.add_argument("--sdpa", default=None, help="prefer an attention kernel: cudnn, flash, efficient or math")
 
     g = bsub.add_parser("generate", help="decoding tokens/s and memory-bandwidth utilization")
     g.add_argument("--preset", default="gpt2", help="model preset (default gpt2), random weights")
@@ -47,7 +48,7 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     if args.bench_command == "train":
         res = bench_train(
             args.preset, args.batch, args.seq, args.steps, args.warmup, args.compile, args.dtype, args.device,
-            args.vocab_multiple, args.ce_chunk, args.peak_flops, args.seed, model_args,
+            args.vocab_multiple, args.ce_chunk, args.peak_flops, args.seed, model_args, args.sdpa,
         )
         losses = res.pop("losses")
         res["loss_first"], res["loss_last"] = losses[0], losses[-1]

@@ -6,9 +6,9 @@ minimizing the Huber loss (delta = 1e-3) of the *log* residual
 
     r_i = log( exp(a - alpha log N_i) + exp(b - beta log D_i) + exp(e) ) - log L_i
 
-with A = exp(a), B = exp(b), E = exp(e), by L-BFGS from a grid of starting points (the objective is
-not convex; the best of the local optima wins). Huber, not squares: a few diverged or under-tuned
-runs should not drag the fit. Under C = 6 N D the loss is lowest at
+with A = exp(a), B = exp(b), E = exp(e), by L-BFGS from several starting points (the objective is
+not convex; the best of the local optima wins; starts come from a variable-projection scan). Huber, not
+squares: a few diverged or under-tuned runs should not drag the fit. Under C = 6 N D the loss is lowest at
 
     N_opt(C) = G (C / 6)^(beta / (alpha + beta)),  D_opt = C / (6 N_opt),  G = (alpha A / (beta B))^(1 / (alpha + beta))
 
@@ -24,12 +24,19 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, LmzooError
 
 HUBER_DELTA = 1e-3
+
+
+class SweepInterrupted(LmzooError):
+    """A sweep's run stopped before its last step (a signal): exit code 130, like an interrupt."""
+
+    exit_code = 130
 
 
 @dataclasses.dataclass
@@ -184,15 +191,18 @@ def isoflop_grid(flops: Sequence[float], params: Sequence[float]) -> list[tuple[
 
 
 def plot_fit(fit: ScalingFit, params: Sequence[float], tokens: Sequence[float], losses: Sequence[float],
-             path: str) -> None:
-    """Two panels: measured loss vs tokens per model size with the fitted curves; the frontier."""
+             path: str, budgets: Sequence[float] | None = None) -> None:
+    """Measured loss vs tokens per model size with the fitted curves; with ``budgets`` (an IsoFLOP
+    sweep) also loss vs model size per budget (each run goes to the nearest budget); the frontier,
+    with each budget's best measured size. Writes a PNG to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n, d, loss = (np.asarray(x, dtype=float) for x in (params, tokens, losses))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3 if budgets else 2, figsize=(16 if budgets else 11, 4.2))
+    ax1, ax2 = axes[0], axes[-1]
     for size in sorted(set(n.tolist())):
         sel = n == size
         dd = np.geomspace(d[sel].min() / 1.5, d[sel].max() * 1.5, 50)
@@ -202,14 +212,31 @@ def plot_fit(fit: ScalingFit, params: Sequence[float], tokens: Sequence[float], 
             title=f"L = {fit.E:.2f} + {fit.A:.3g}/N^{fit.alpha:.2f} + {fit.B:.3g}/D^{fit.beta:.2f}")
     ax1.legend(fontsize=7)
     c = np.geomspace((6 * n * d).min() / 3, (6 * n * d).max() * 30, 50)
-    n_opt, d_opt = fit.optimal(c)
-    ax2.plot(c, n_opt, label="N_opt")
-    ax2.plot(c, d_opt, label="D_opt")
-    ax2.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", title="compute-optimal frontier")
-    ax2.legend()
+    n_opt, _ = fit.optimal(c)
+    ax2.plot(c, n_opt, label=f"fitted N_opt ~ C^{fit.beta / (fit.alpha + fit.beta):.2f}")
+    if budgets:
+        b = np.asarray(sorted(budgets), dtype=float)
+        nearest = b[np.abs(np.log(6 * n * d)[:, None] - np.log(b)[None, :]).argmin(1)]
+        for cb in b:
+            sel = nearest == cb
+            if not sel.any():
+                continue
+            nn = np.geomspace(n[sel].min() / 1.5, n[sel].max() * 1.5, 50)
+            line = axes[1].plot(nn, fit.loss(nn, cb / (6 * nn)), lw=1)[0]
+            axes[1].scatter(n[sel], loss[sel], color=line.get_color(), s=14, label=f"C={cb:.0e}")
+            k = np.flatnonzero(sel)[loss[sel].argmin()]
+            ax2.scatter(cb, n[k], color=line.get_color(), s=24, zorder=3)
+        axes[1].set(xscale="log", xlabel="parameters N", ylabel="val loss", title="IsoFLOP: loss vs size per budget")
+        axes[1].legend(fontsize=7)
+        ax2.scatter([], [], color="gray", s=24, label="best measured size per budget")
+    ax2.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="parameters",
+            title="compute-optimal frontier")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    tmp.replace(path)  # atomic
 
 
 def dial_params(depth: int, vocab_size: int, block_size: int, aspect: int = 32, head_dim: int = 16,
@@ -257,7 +284,6 @@ def run_sweep(
     one long run would carry an unfinished learning-rate decay.
     """
     import time
-    from pathlib import Path
 
     from .train import TrainConfig, Trainer
 
@@ -277,6 +303,9 @@ def run_sweep(
         t0 = time.time()
         trainer = Trainer(cfg)
         summary = trainer.train()
+        if summary["step"] < n_steps:  # stopped by a signal: not a finished schedule, not a point of the fit
+            raise SweepInterrupted(f"the sweep stopped ({summary['stop_reason']}) in run depth {depth} at step "
+                                   f"{summary['step']} of {n_steps}; {len(runs)} finished runs were logged")
         n, d = trainer.model.num_params(), n_steps * batch_size * block_size
         run = {"depth": depth, "steps": n_steps, "params": n, "tokens": d, "flops": 6.0 * n * d,
                "val_loss": summary["val_loss"], "wall_s": round(time.time() - t0, 1)}

@@ -15,13 +15,19 @@ Limits, and why: the server binds to 127.0.0.1 unless told otherwise (it has no 
 a request body over ``max_body_bytes`` is refused with 413 before it is parsed; ``max_tokens``
 above ``max_tokens_limit`` is refused with 400 (not silently clamped: a client asking for more
 than it gets would see a truncated answer it did not ask for); malformed JSON or a bad field is a
-400 with a message in OpenAI's error format. One model serves all requests: a lock around
+400 with a message in OpenAI's error format. Slow clients are cut off: a connection that has not sent
+a request's headers within ``read_timeout_s`` is closed, a body not received within it is a 408, an
+idle keep-alive connection closes after 5 s; beyond ``max_connections`` at once the answer is 503;
+SIGTERM lets requests in flight finish (up to 5 s) and exits with code 0 (benchmarks/serve_load.py,
+docs/reliability.md). One model serves all requests: a lock around
 generation queues concurrent requests (each waits its turn; FastAPI runs them in worker threads),
 so requests never interleave inside the model or its cache.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime
+import asyncio
 import json
+import signal
 import threading
 import time
 import uuid
@@ -33,6 +39,9 @@ from .errors import ConfigError
 
 DEFAULT_MAX_TOKENS_LIMIT = 512
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+DEFAULT_READ_TIMEOUT_S = 10.0  # to send a request's headers, and again its body
+DEFAULT_MAX_CONNECTIONS = 1024  # open connections + requests in flight; beyond: 503
+SHUTDOWN_GRACE_S = 5  # on SIGTERM, requests in flight get this long to finish
 
 
 class RequestError(Exception):
@@ -60,11 +69,13 @@ class Server:
     """The model, its tokenizer, the limits and the lock; request handling without any HTTP."""
 
     def __init__(self, model, tokenizer, model_name: str = "lmzoo", max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, template: str = "transcript"):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, template: str = "transcript",
+                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S):
         if tokenizer is None:
             raise ConfigError("serving needs the checkpoint's tokenizer, and none was saved with it")
-        if max_tokens_limit <= 0 or max_body_bytes <= 0:
-            raise ConfigError("max_tokens_limit and max_body_bytes must be positive")
+        if max_tokens_limit <= 0 or max_body_bytes <= 0 or not read_timeout_s > 0:
+            raise ConfigError("max_tokens_limit, max_body_bytes and read_timeout_s must be positive")
+        self.read_timeout_s = float(read_timeout_s)
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.max_tokens_limit, self.max_body_bytes, self.template = max_tokens_limit, max_body_bytes, template
         self.lock = threading.Lock()
@@ -199,20 +210,29 @@ def create_app(server: Server):
     app = FastAPI(title="lmzoo", description="OpenAI-compatible endpoint for an lmzoo checkpoint")
 
     def error(e: RequestError) -> JSONResponse:
-        kind = "request_too_large" if e.status == 413 else "invalid_request_error"
+        kind = {413: "request_too_large", 408: "timeout"}.get(e.status, "invalid_request_error")
         return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": None}},
                             status_code=e.status)
+
+    async def read_body(request: Request) -> bytes:
+        raw = bytearray()
+        async for chunk in request.stream():  # a chunked body without a length: stop at the limit
+            raw += chunk
+            if len(raw) > server.max_body_bytes:
+                raise RequestError(f"request body exceeds the limit of {server.max_body_bytes} bytes", 413)
+        return bytes(raw)
 
     async def handle(request: Request, method) -> Any:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > server.max_body_bytes:  # refuse before reading
             return error(RequestError(f"request body of {declared} bytes exceeds the limit of "
                                       f"{server.max_body_bytes}", 413))
-        raw = b""
-        async for chunk in request.stream():  # a chunked body without a length: stop at the limit
-            raw += chunk
-            if len(raw) > server.max_body_bytes:
-                return error(RequestError(f"request body exceeds the limit of {server.max_body_bytes} bytes", 413))
+        try:  # a client that stops sending its body mid-way (slowloris) is cut off, not waited on forever
+            raw = await asyncio.wait_for(read_body(request), server.read_timeout_s)
+        except RequestError as e:
+            return error(e)
+        except asyncio.TimeoutError:
+            return error(RequestError(f"request body not received within {server.read_timeout_s:g} s", 408))
         try:
             body = server.parse(raw)
             if not body.get("stream"):  # generation runs in a worker thread, off the event loop
@@ -244,12 +264,67 @@ def create_app(server: Server):
     return app
 
 
-def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", **limits: Any) -> None:
-    """Load ``checkpoint`` and serve it with uvicorn until interrupted."""
+def _protocol(read_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline on request headers (uvicorn has none: slowloris).
+
+    A connection must deliver a request's headers within ``read_timeout_s`` of connecting, or of
+    sending its first byte after a previous response; otherwise it is closed. (The body has its
+    own deadline in the app; an idle keep-alive connection is closed by uvicorn's keep-alive timeout.)
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class SlowClientTimeoutH11(H11Protocol):
+        _header_timer = None
+
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(read_timeout_s, self._expired)
+
+        def _expired(self) -> None:
+            self._header_timer = None
+            if self._between_requests() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._between_requests():
+                self._arm()
+            super().data_received(data)
+            if not self._between_requests() and self._header_timer is not None:  # headers are in
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+    return SlowClientTimeoutH11
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          max_connections: int = DEFAULT_MAX_CONNECTIONS, **limits: Any) -> None:
+    """Load ``checkpoint`` and serve it with uvicorn until SIGINT or SIGTERM (then exit cleanly).
+
+    Slow clients are cut off (``read_timeout_s`` for headers and again for the body; idle keep-alive
+    connections after 5 s); more than ``max_connections`` at once get 503; on SIGTERM requests in
+    flight get SHUTDOWN_GRACE_S to finish, then the process exits with code 0.
+    """
     try:
         import uvicorn
     except ImportError:
         raise ConfigError("lmzoo serve needs FastAPI and uvicorn: pip install 'lmzoo[serve]'") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {port}")
+    if max_connections <= 0:
+        raise ConfigError(f"--max-connections must be positive, got {max_connections}")
     from .cli import _load_any
     from .train.trainer import resolve_device
 
@@ -260,4 +335,13 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
         print(f"lmzoo serve: listening on {host}: the endpoint has no authentication", flush=True)
     print(f"lmzoo serve: http://{host}:{port}/v1 (model {server.model_name}, max_tokens <= "
           f"{server.max_tokens_limit})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # uvicorn re-raises the signal it caught once it has shut down; handled here, it ends serve() normally
+    # and `lmzoo serve` exits 0 (a supervisor's SIGTERM is the normal way to stop a server)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", http=_protocol(server.read_timeout_s),
+                    timeout_keep_alive=5, limit_concurrency=max_connections,
+                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("lmzoo serve: stopped", flush=True)

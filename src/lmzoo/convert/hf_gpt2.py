@@ -187,6 +187,8 @@ class GPT2Converter:
             problems.append(
                 f"n_kv_head={cfg.n_kv_head} != n_head={cfg.n_head} (GPT-2 has no grouped-query attention)"
             )
+        if cfg.padded_vocab_size != cfg.vocab_size:  # [issue 11] the padding rows have no place in HF's config
+            problems.append(f"vocab_multiple={cfg.vocab_multiple} pads the vocabulary (export needs 1)")
         if problems:
             raise ConfigError("cannot export as Hugging Face GPT-2: " + "; ".join(problems))
         return {

@@ -219,8 +219,8 @@ def selective_scan(
     B: torch.Tensor,
     C: torch.Tensor,
     h0: torch.Tensor | None = None,
-    chunk: int = 16,
-    segment: int = 256,
+    chunk: int = 8,
+    segment: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked parallel scan; same contract as :func:`selective_scan_ref` (float32 out).
 
@@ -258,8 +258,8 @@ class SelectiveSSM(nn.Module):
         inner_norms: bool = False,
         norm_eps: float = 1e-6,
         scan: Literal["chunked", "sequential"] = "chunked",
-        chunk: int = 16,
-        segment: int = 256,
+        chunk: int = 8,
+        segment: int = 32,
     ):
         super().__init__()
         self.d_inner = d_inner = expand * d_model

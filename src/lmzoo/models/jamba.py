@@ -72,8 +72,8 @@ class JambaConfig(Config):
     conv_bias: bool = True
     ssm_bias: bool = False  # biases of the Mamba in_proj / out_proj
     scan: Literal["chunked", "sequential"] = "chunked"
-    scan_chunk: int = 16
-    scan_segment: int = 256
+    scan_chunk: int = 8
+    scan_segment: int = 32
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     dropout: float = 0.0  # attention dropout

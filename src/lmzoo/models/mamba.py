@@ -48,8 +48,8 @@ class MambaConfig(Config):
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     scan: Literal["chunked", "sequential"] = "chunked"  # the training scan (layers/ssm.py)
-    scan_chunk: int = 16  # tokens scanned one by one inside a chunk, all chunks at once
-    scan_segment: int = 256  # tokens per recomputed segment: bounds the scan's working memory
+    scan_chunk: int = 8  # tokens scanned one by one inside a chunk, all chunks at once
+    scan_segment: int = 32  # tokens per recomputed segment: bounds the scan's working memory
     init_std: float = 0.02  # the embedding's init
     dt_min: float = 0.001  # initial time scales Δ are log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1

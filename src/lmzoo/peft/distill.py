@@ -115,7 +115,8 @@ class DistillLoss:
     Called as ``loss_fn(student, x, y, cache=None)``; returns the student's :class:`LMOutput` with
     ``loss`` = :func:`distill_loss` and ``aux`` {``ce``, ``kl``} (logged with each step). The teacher is
     frozen, in eval mode, run under ``no_grad`` (and moved to the batch's device on first use).
-    ``alpha=1`` is plain training on the data. Teacher and student must have the same vocabulary size.
+    ``alpha=1`` is plain training on the data. Given ``student``, the vocabulary sizes are checked (they
+    must be equal) and a mixture-of-experts student keeps its router losses (weighted by its config).
     """
 
     def __init__(self, teacher, alpha: float = 0.5, temperature: float = 2.0, student=None):
@@ -123,20 +124,26 @@ class DistillLoss:
             raise ConfigError(f"alpha must be in [0, 1] and temperature > 0, got {alpha}, {temperature}")
         if student is not None:
             check_vocab(teacher, student)
+        cfg = getattr(student, "config", None)
+        self.router_weights = (getattr(cfg, "moe_aux_weight", 0.0), getattr(cfg, "moe_z_weight", 0.0))
         self.teacher, self.alpha, self.temperature = teacher.eval(), alpha, temperature
         for p in teacher.parameters():
             p.requires_grad_(False)
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, cache=None):
+        from ..layers.moe import add_router_losses
         from ..models.base import LMOutput
 
-        out = model(x, cache=cache)
+        out = model(x, cache=cache)  # no targets: the full logits (a model may chunk its own CE)
         if next(self.teacher.parameters()).device != x.device:
             self.teacher.to(x.device)
         with torch.no_grad():
             t_logits = self.teacher(x).logits
         loss, parts = distill_loss(out.logits, t_logits, y, self.alpha, self.temperature)
-        return LMOutput(out.logits, loss, {**(out.aux or {}), **parts})
+        aux = {**(out.aux or {}), **parts}
+        if "moe_balance" in aux:  # the router losses the model adds to its own training loss
+            loss = add_router_losses(loss, aux, *self.router_weights)
+        return LMOutput(out.logits, loss, aux)
 
 
 def check_vocab(teacher, student) -> None:

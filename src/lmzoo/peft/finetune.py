@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ConfigError, LmzooError
-from .distill import DistillLoss, check_vocab
+from .distill import DistillLoss
 from .lora import LoRAConfig, apply_lora, load_adapter, save_adapter, trainable_params
 from .qlora import quantize_model
 
@@ -61,8 +61,8 @@ def _tokenizer_named(name: str):
     if Path(name).is_dir():
         return load_tokenizer(name)
     raise ConfigError(
-        f"instruction tuning needs the base model's tokenizer: the base has none saved and --tokenizer={name} "
-        "is not byte or a tokenizer directory"
+        f"instruction tuning needs a tokenizer: the base (a preset, or a directory without one) has none saved "
+        f"and --tokenizer={name} is not byte or a tokenizer directory"
     )
 
 
@@ -135,8 +135,7 @@ def finetune(
     else:
         model, base_tok = load_base(base)
         tok = base_tok or tok or (_tokenizer_named(cfg.tokenizer) if instruct else None)
-    if t_model is not None:
-        check_vocab(t_model, model)
+    loss_fn = DistillLoss(t_model, kd_alpha, temperature, student=model) if t_model is not None else None
     model.train()
     if method == "qlora":
         quantize_model(model, compute_dtype=torch.float32)
@@ -162,7 +161,6 @@ def finetune(
         block = cfg.block_size or model.config.block_size
         data = instruct_loaders(tok, instruct, block, cfg.batch_size, val=instruct_val, seed=cfg.seed,
                                 device=resolve_device(cfg.device))
-    loss_fn = DistillLoss(t_model, kd_alpha, temperature) if t_model is not None else None
     trainer = Trainer(cfg, model=model, tokenizer=tok, data=data, loss_fn=loss_fn)
     _check_data_tokenizer(trainer, tok, cfg.tokenizer)
     summary = trainer.train()

@@ -525,7 +525,7 @@ class Trainer:
         half = max(1, cfg.batch_size // 2)
         accum = self.grad_accum * cfg.batch_size // half
         return ResourceError(
-            f"out of memory on {self.device} at step {self.step} with micro-batch size {cfg.batch_size}, sequence "
+            f"out of memory on {self.device} in step {self.step + 1} with micro-batch size {cfg.batch_size}, sequence "
             f"length {self.block_size}, {self.grad_accum} micro-batch(es) per step; try --batch_size={half} "
             f"--grad_accum={accum} (same tokens per step), --grad_checkpointing=true, --dtype=bfloat16 or a "
             f"smaller model; the last checkpoint {self._latest_name()} is intact (resume with --resume)"
