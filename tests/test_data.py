@@ -91,6 +91,22 @@ def test_big_single_text_is_read_in_pieces_with_the_same_result(tmp_path: Path, 
         assert np.array_equal(tokens(whole, split), tokens(chunked, split))
 
 
+def test_bpe_ids_do_not_depend_on_where_a_big_file_is_cut(tmp_path: Path, monkeypatch) -> None:
+    """Blank lines and trailing spaces: a cut inside a whitespace run would change the BPE pre-tokens
+    (" \n" + "x" is not " " + "\n" + "x"), so pieces end only at a newline between two non-spaces."""
+    lines = ["", "  ", "word  ", "\tindented", "end. "]
+    text = "".join(f"{lines[i % 5]}{i}" + " " * (i % 2) + "\n" * (1 + i % 3) for i in range(4000))
+    (tmp_path / "in.txt").write_text(text)
+    whole = prepare(tmp_path / "in.txt", tmp_path / "whole", tokenizer="bpe", vocab_size=300, progress=False)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 500)
+    pieces = list(iter_file_pieces(tmp_path / "in.txt", strict=True, piece_bytes=500))
+    assert len(pieces) > 40 and "".join(pieces) == text
+    assert all(p[-1] == "\n" and not p[-2].isspace() for p in pieces[:-1])
+    chunked = prepare(tmp_path / "in.txt", tmp_path / "chunked", tokenizer="bpe", vocab_size=300, progress=False)
+    for split in ("train", "val"):
+        assert np.array_equal(tokens(whole, split), tokens(chunked, split))
+
+
 def test_invalid_utf8_offset_is_exact_across_pieces(tmp_path: Path) -> None:
     data = "é".encode() * 1500 + b"\xff" + b"tail"
     (tmp_path / "bad.txt").write_bytes(data)

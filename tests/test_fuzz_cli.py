@@ -106,7 +106,7 @@ KEYS = TrainConfig.field_names() + ["model.n_layer", "model_args.n_embd", "model
 JUNK = ["", "-1", "0", "1", "2", "3", "-0", "1e9", "1e400", "nan", "inf", "-inf", "0.5", "[1, 2]", "{a: 1}",
         "null", "true", "no", "gpt2-debug", "gpt2", "llama-debug", "jamba-debug", "mamba-debug", "ckpt",
         "ckpt/model.safetensors", "text.txt", "missing/dir", ".", "/", "x" * 300, "\udcff", "é", "--", "-",
-        "=", "a=b", "cuda", "cpu", "mps", "byte", "char", "bpe", "lora", "qlora", "full", "raw", "steps=2",
+        "=", "a=b", "cuda", "cpu", "mps", "byte", "char", "bpe", "lora", "qlora", "full", "raw", "steps=2", "steps=x",
         "9223372036854775808", "-9223372036854775809"]
 values = st.one_of(st.sampled_from(JUNK), st.text(st.characters(blacklist_characters="\x00"), max_size=8),
                    st.integers(-3, 40).map(str))
@@ -166,7 +166,8 @@ def test_random_yaml_config_never_gives_a_traceback(sandbox, doc, raw, extra):
     ["generate", "--checkpoint", "ckpt", "--top-p", "nan"], ["eval", "--checkpoint", "ckpt", "--text", "\udcff"],
     ["serve", "--checkpoint", "ckpt", "--port", "-1"],
     ["report", "bpe", ""], ["plot", "x" * 300], ["report", "a\x85\rb"], ["train", "--model_args=0"],
-    ["train", "--parallel.mode=0"],
+    ["train", "--parallel.mode=0"], ["compare", "--budget", "steps=abc", "--run", "a:gpt2-debug"],
+    ["compare", "--budget", "flops=.nan", "--run", "a:gpt2-debug"],
 ])
 def test_known_hard_cases(sandbox, argv):
     """Cases the fuzzer found (each once a traceback or a two-line error), kept as plain regression tests."""

@@ -64,6 +64,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         f"device {trainer.device}, {str(trainer.dtype).replace('torch.', '')}"
     )
     summary = trainer.train()
+    trainer.close()  # [issue 9] leave the process group (after success only)
     if not trainer.dist.is_main:  # [issue 9] torchrun: rank 0 alone reports and samples
         return 0
     if summary["interrupted"]:

@@ -98,8 +98,9 @@ def load_experiment(path: str | Path | None = None, **overrides: Any) -> dict[st
     budget = exp.get("budget") or {"steps": 200}
     if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in BUDGETS:
         raise ConfigError(f"compare: budget must be one of {', '.join(BUDGETS)}, e.g. {{steps: 200}}; got {budget}")
-    if not next(iter(budget.values())) or float(next(iter(budget.values()))) <= 0:
-        raise ConfigError(f"compare: the budget must be positive, got {budget}")
+    amount = next(iter(budget.values()))
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount < float("inf"):
+        raise ConfigError(f"compare: the budget must be a positive number, got {budget}")
     seeds = exp.get("seeds") or [1337]
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"compare: seeds must be a list of integers, got {seeds}")

@@ -15,7 +15,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import tempfile
 from collections import deque
@@ -26,7 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lmzoo.atomic import atomic_write_text, fsync_dir
-from lmzoo.data.sources import Source, open_source
+from lmzoo.data.sources import SAFE_CUT, Source, open_source
 from lmzoo.errors import ConfigError, DataError, suggest
 from lmzoo.tokenizer import EOT, KINDS, Tokenizer, build_tokenizer, load_tokenizer, to_bytes
 
@@ -37,7 +36,6 @@ PARALLEL_BYTES = 4 << 20  # inputs larger than this are tokenized by worker proc
 CHUNK_CHARS = 1 << 20  # characters per unit of work sent to a worker
 PART_CHARS = 1 << 16  # a tokenizer sees texts of about this size (where a cut is exact): bounded memory
 BATCH_CHARS = 1 << 18  # characters per encode_batch call
-_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")  # just after a newline between two non-space characters
 _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd: i -> i * _GOLDEN mod 2**64 is a bijection
 
 Item = tuple[str, bool, bool]  # (text, goes to val, append eos after it)
@@ -107,7 +105,7 @@ def split_text(text: str, size: int | None = None) -> Iterator[str]:
     size = size or PART_CHARS  # read at call time: tests shrink it
     start = 0
     while len(text) - start > size:
-        m = _SAFE_CUT.search(text, start + size)
+        m = SAFE_CUT.search(text, start + size)
         if m is None:
             break
         yield text[start : m.start()]

@@ -75,6 +75,7 @@ class DistContext:
     local_rank: int = 0
     config: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     mesh: Any = None  # a 1-D DeviceMesh over all ranks (fsdp, tp)
+    owns_group: bool = False  # setup() created the process group, so teardown() ends it
 
     @property
     def enabled(self) -> bool:
@@ -147,6 +148,7 @@ def setup(parallel: dict[str, Any] | None, batch_size: int, global_batch: int | 
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=pc.timeout_s))
+        ctx.owns_group = True
     if pc.mode in ("fsdp", "tp"):
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -154,10 +156,21 @@ def setup(parallel: dict[str, Any] | None, batch_size: int, global_batch: int | 
     return ctx
 
 
-def teardown() -> None:
-    """Leave the process group (idempotent)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(ctx: DistContext | None = None) -> None:
+    """Leave the process group after a successful run (idempotent; with ``ctx``, only a group that
+    :func:`setup` created: a caller's own group stays theirs).
+
+    All ranks meet at a barrier first, so nobody tears down while a peer still waits on it. Exiting
+    without this lets gloo's worker threads die with the interpreter ("terminate called without an
+    active exception", SIGABRT after a run that succeeded). Not for error paths: there a peer may be
+    inside a collective, and torchrun stops the job anyway.
+    """
+    if not dist.is_initialized() or (ctx is not None and not ctx.owns_group):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    if ctx is not None:
+        ctx.owns_group, ctx.mesh = False, None
 
 
 def reduce_mean(value: float | torch.Tensor, ctx: DistContext) -> float:

@@ -340,6 +340,10 @@ class Trainer:
             profile_memory=True,
         )
 
+    def close(self) -> None:
+        """After a successful :meth:`train`: leave the process group this trainer joined (torchrun)."""
+        dist.teardown(self.dist)  # [issue 9]
+
     def train(self) -> dict[str, Any]:
         """Run until ``max_steps``, the time budget, early stopping or a signal; returns a summary."""
         cfg = self.cfg
@@ -551,4 +555,7 @@ class Trainer:
 def train(cfg: TrainConfig | None = None, **overrides: Any) -> dict[str, Any]:
     """Library entry point: ``lmzoo.train(max_steps=100, model="gpt2-debug")``."""
     cfg = (cfg or TrainConfig()).replace(**overrides) if overrides else (cfg or TrainConfig())
-    return Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    trainer.close()
+    return summary
