@@ -113,3 +113,22 @@ def test_bad_inputs_are_refused():
     m = make("gpt2-debug", {}, n=2)  # learned positions: block_size 32
     with pytest.raises(ConfigError, match="positions"):
         self_speculative_generate(m, [[1, 2, 3]], 40)
+
+
+def test_saved_multi_token_model_loads_with_its_heads(tmp_path):
+    """lmzoo.save records n_future; lmzoo.load rebuilds the heads, so every head's logits come back."""
+    m = make("llama-debug", {}, n=3).eval()
+    lmzoo.save(m, tmp_path / "mtp")
+    back = lmzoo.load(tmp_path / "mtp")
+    assert isinstance(back, MultiTokenLM) and back.n_future == 3
+    idx = torch.randint(0, 97, (2, 9))
+    targets = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        a, b = m(idx, targets), back(idx, targets)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(list(b.aux.values())), torch.stack(list(a.aux.values())), rtol=0, atol=0)
+    assert self_speculative_generate(back, [[1, 2, 3]], 8)[0] == self_speculative_generate(m, [[1, 2, 3]], 8)[0]
+    cfg = tmp_path / "mtp" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"n_future": 3', '"n_future": -3'))
+    with pytest.raises(lmzoo.errors.CheckpointError, match="n_future must be an integer"):
+        lmzoo.load(tmp_path / "mtp")

@@ -74,6 +74,9 @@ def write_checkpoint(
         quant = getattr(model, "quantization", None)  # layers rewritten from outside (lmzoo.quant)
         if quant:
             extra = {**(extra or {}), "quantization": quant}
+        n_future = getattr(model, "n_future", None)  # a MultiTokenLM (lmzoo.mtp): its extra heads
+        if n_future:
+            extra = {**(extra or {}), "multi_token": {"n_future": int(n_future)}}
         if extra:
             cfg["lmzoo"] = extra
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -170,6 +173,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if torch.device(device).type != "cpu":
         check_fits(family, cfg, device, dtype, where=str(d), check=check_memory)
     model = build_model(family, cfg)
+    mtp = (raw.get("lmzoo") or {}).get("multi_token")
+    if mtp:  # the extra prediction heads around the model, before their weights load
+        n = mtp.get("n_future") if isinstance(mtp, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
+            raise CheckpointError(f"{d / CONFIG}: lmzoo.multi_token.n_future must be an integer in [1, 64], got {n!r}")
+        from .mtp import MultiTokenLM
+
+        model = MultiTokenLM(model, n)
     quant = (raw.get("lmzoo") or {}).get("quantization")
     if quant:  # rebuild the quantized layers before their weights load
         from .quant import apply_spec
