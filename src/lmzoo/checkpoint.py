@@ -173,7 +173,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if torch.device(device).type != "cpu":
         check_fits(family, cfg, device, dtype, where=str(d), check=check_memory)
     model = build_model(family, cfg)
-    mtp = (raw.get("lmzoo") or {}).get("multi_token")
+    settings = raw.get("lmzoo") or {}  # what lmzoo.save recorded beyond the family's config
+    mtp = settings.get("multi_token")
     if mtp:  # the extra prediction heads around the model, before their weights load
         n = mtp.get("n_future") if isinstance(mtp, dict) else None
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
@@ -181,7 +182,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         from .mtp import MultiTokenLM
 
         model = MultiTokenLM(model, n)
-    quant = (raw.get("lmzoo") or {}).get("quantization")
+    quant = settings.get("quantization")
     if quant:  # rebuild the quantized layers before their weights load
         from .quant import apply_spec
 
