@@ -125,11 +125,24 @@ def _chunked_scan_(
 
 
 def _segment_states(delta, du, A, B, h_in, a, h, chunk) -> None:
-    """One segment, time first: a[:L] = Ā = exp(ΔA); h[0] = h_in and h[1:L+1] = the L states."""
-    torch.mul(delta[..., None], A, out=a).exp_()
-    torch.mul(du[..., None], B[:, :, None, :], out=h[1:])  # B̄x = (Δx) ⊗ B
+    """One segment, time first: a[:L] = Ā = exp(ΔA); h[0] = h_in and h[1:L+1] = the L states.
+
+    delta, du (L, B, d) and B (L, B, N) may be strided views; the buffers a (Lp, B, d, N) and h
+    (Lp + 1, B, d, N) are padded to whole chunks, with steps that keep the state: Ā = 1, B̄x = 0.
+    """
+    L = delta.shape[0]
+    torch.mul(delta[..., None], A, out=a[:L]).exp_()
+    torch.mul(du[..., None], B[:, :, None, :], out=h[1 : L + 1])  # B̄x = (Δx) ⊗ B
+    a[L:] = 1.0
+    h[L + 1 :] = 0.0
     h[0] = h_in
     _chunked_scan_(a, h[1:], h_in, chunk)
+
+
+def _segments(T: int, chunk: int, segment: int) -> list[tuple[slice, int]]:
+    """(time slice, buffer length padded to whole chunks) of each segment of a length-T sequence."""
+    seg = min(segment, -(-T // chunk) * chunk)
+    return [(slice(s, min(s + seg, T)), -(-(min(s + seg, T) - s) // chunk) * chunk) for s in range(0, T, seg)]
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -145,70 +158,80 @@ class _ChunkedScan(torch.autograd.Function):
     from which every gradient is a local product: dΔ_t = Σ_N g_t ⊙ (A Ā_t h_{t-1} + x_t B_t),
     dA = Σ_{b,t} Δ_t g_t ⊙ Ā_t ⊙ h_{t-1}, dx_t = Δ_t Σ_N g_t B_t, dB_t = Σ_d g_t Δ_t x_t,
     dC_t = Σ_d dy_t h_t, dh0 = Ā_0 ⊙ g_0. Working memory is a few (segment, B, d, N) buffers.
-    Internally everything is time-first, (T, B, ...), so a segment's tokens are one contiguous block.
+    The buffers are time-first, (T, B, ...), so a time step is one contiguous block; inputs and
+    outputs stay batch-first and are read and written through transposed views (no copies).
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0, chunk: int, segment: int):
         b, T, d = u.shape
         n = A.shape[1]
-        Tp = -(-T // chunk) * chunk  # padded to whole chunks: Δ = 0 there, so Ā = 1 and B̄x = 0
-        u, delta, B, C = (F.pad(t, (0, 0, 0, Tp - T)).transpose(0, 1).contiguous() for t in (u, delta, B, C))
-        seg = min(segment, Tp)
-        du = delta * u
-        y = u.new_empty(Tp, b, d, 1)
-        a = u.new_empty(seg, b, d, n)
-        h = u.new_empty(seg + 1, b, d, n)  # h[0] is the state entering the segment
+        segs = _segments(T, chunk, segment)
+        ut, dt, Bt, Ct = (t.transpose(0, 1) for t in (u, delta, B, C))  # time-first views
+        du = u.new_empty(segs[0][1], b, d)  # Δx of one segment, time-first and contiguous
+        y = u.new_empty(b, T, d)
+        yt = y.transpose(0, 1)
+        a = u.new_empty(segs[0][1], b, d, n)
+        h = u.new_empty(segs[0][1] + 1, b, d, n)  # h[0] is the state entering the segment
         starts = []
         state = h0 if h0 is not None else u.new_zeros(b, d, n)
-        for s in range(0, Tp, seg):
-            L = min(seg, Tp - s)
-            sl = slice(s, s + L)
+        for sl, Lp in segs:
+            L = sl.stop - sl.start
             starts.append(state)
-            _segment_states(delta[sl], du[sl], A, B[sl], state, a[:L], h[: L + 1], chunk)
-            torch.matmul(h[1 : L + 1], C[sl, :, :, None], out=y[sl])  # Σ_N C h
+            _segment_states(dt[sl], torch.mul(dt[sl], ut[sl], out=du[:L]), A, Bt[sl], state, a[:Lp],
+                            h[: Lp + 1], chunk)
+            # Σ_N C h as multiply-then-sum into a's buffer (a is done with): matmul would run a
+            # batch of (d × N) @ (N × 1) products, about twice as slow on CPU
+            torch.sum(torch.mul(h[1 : L + 1], Ct[sl, :, None, :], out=a[:L]), -1, out=yt[sl])
             state = h[L].clone()
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(starts))
-        ctx.sizes = (T, chunk, seg)
+        ctx.sizes = (chunk, segment)
         ctx.has_h0 = h0 is not None
-        return y[:T, :, :, 0].transpose(0, 1), state
+        return y, state
 
     @staticmethod
     def backward(ctx, gy, g_last):
-        u, delta, A, B, C, starts = ctx.saved_tensors  # time first, padded
-        T, chunk, seg = ctx.sizes
-        Tp, b, d = u.shape
+        u, delta, A, B, C, starts = ctx.saved_tensors
+        chunk, segment = ctx.sizes
+        b, T, d = u.shape
         n = A.shape[1]
-        gy = F.pad(gy, (0, 0, 0, Tp - T)).transpose(0, 1).contiguous()
-        du = delta * u
+        segs = _segments(T, chunk, segment)
+        ut, dt, Bt, Ct, gyt = (t.transpose(0, 1) for t in (u, delta, B, C, gy))  # time-first views
         gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
         gB, gC, gA = torch.empty_like(B), torch.empty_like(C), torch.zeros_like(A)
-        a = u.new_empty(seg + 1, b, d, n)  # a[L] = 1: the reverse scan reads Ā_{t+1} as a[1:L+1]
+        gut, gdt, gBt, gCt = (t.transpose(0, 1) for t in (gu, gdelta, gB, gC))
+        seg = segs[0][1]
+        a = u.new_empty(seg + 1, b, d, n)  # a[Lp] = 1: the reverse scan reads Ā_{t+1} as a[1:Lp+1]
         h = u.new_empty(seg + 1, b, d, n)
         g = u.new_empty(seg, b, d, n)
+        tmp = u.new_empty(seg, b, d, n)  # products reduced over N or over (time, batch)
+        du, gys = u.new_empty(seg, b, d), u.new_empty(seg, b, d)  # contiguous, for the matmuls
         zero = u.new_zeros(b, d, n)
         carry = g_last if g_last is not None else zero  # dLoss/d(state leaving the segment)
-        for k, s in reversed(list(enumerate(range(0, Tp, seg)))):
-            L = min(seg, Tp - s)
-            sl = slice(s, s + L)
-            _segment_states(delta[sl], du[sl], A, B[sl], starts[k], a[:L], h[: L + 1], chunk)
-            gC[sl] = torch.matmul(gy[sl, :, None, :], h[1 : L + 1]).squeeze(2)  # Σ_d dy h
-            gk = g[:L]
-            torch.mul(gy[sl, :, :, None], C[sl, :, None, :], out=gk)  # C_t dy_t
-            gk[L - 1] += carry
-            a[L] = 1.0
-            _chunked_scan_(a[1 : L + 1], gk, zero, chunk, reverse=True)  # g_t = C_t dy_t + Ā_{t+1} g_{t+1}
-            gB[sl] = torch.matmul(du[sl, :, None, :], gk).squeeze(2)  # Σ_d g Δx
-            gBx = torch.matmul(gk, B[sl, :, :, None]).squeeze(-1)  # Σ_N g B: (L, B, d)
+        for k in range(len(segs) - 1, -1, -1):
+            sl, Lp = segs[k]
+            L = sl.stop - sl.start
+            dus, gyk = torch.mul(dt[sl], ut[sl], out=du[:L]), gys[:L].copy_(gyt[sl])
+            _segment_states(dt[sl], dus, A, Bt[sl], starts[k], a[:Lp], h[: Lp + 1], chunk)
+            gCt[sl] = torch.matmul(gyk[:, :, None, :], h[1 : L + 1]).squeeze(2)  # Σ_d dy h
+            gk = g[:Lp]
+            torch.mul(gyk[..., None], Ct[sl, :, None, :], out=gk[:L])  # C_t dy_t
+            gk[L:] = 0.0
+            gk[Lp - 1] += carry
+            a[Lp] = 1.0
+            _chunked_scan_(a[1 : Lp + 1], gk, zero, chunk, reverse=True)  # g_t = C_t dy_t + Ā_{t+1} g_{t+1}
+            gk, t = gk[:L], tmp[:L]
+            gBt[sl] = torch.matmul(dus[:, :, None, :], gk).squeeze(2)  # Σ_d g Δx
+            # the reductions over N (and over time and batch for dA) are multiply-then-sum into a
+            # reused buffer: as batched matmuls they would be batches of tiny products (or batched
+            # over d, in a transposed layout), several times slower on CPU
+            gBx = torch.mul(gk, Bt[sl, :, None, :], out=t).sum(-1)  # Σ_N g B: (L, B, d)
             gz = h[:L].mul_(gk).mul_(a[:L])  # g ⊙ h_{t-1} ⊙ Ā = dLoss/d(ΔA), in place of h_{t-1}
-            # both reductions as batched matmuls over the d channels (no (L, B, d, N) temporary)
-            gA += torch.bmm(delta[sl].reshape(-1, d).t()[:, None], gz.reshape(-1, d, n).transpose(0, 1))[:, 0]
-            gdelta[sl] = torch.einsum("tbdn,dn->tbd", gz, A) + gBx * u[sl]
-            gu[sl] = gBx * delta[sl]
+            torch.sum(torch.mul(gz, A, out=t), -1, out=gdt[sl]).addcmul_(gBx, ut[sl])
+            gA += torch.mul(gz, dt[sl, :, :, None], out=t).sum((0, 1))
+            torch.mul(gBx, dt[sl], out=gut[sl])
             carry = a[0] * gk[0]  # dLoss/d(state entering the segment)
         gh0 = carry if ctx.has_h0 else None
-        back = (t[:T].transpose(0, 1) for t in (gu, gdelta, gB, gC))
-        gu, gdelta, gB, gC = back
         return gu, gdelta, gA, gB, gC, gh0, None, None
 
 
