@@ -108,3 +108,35 @@ def test_cli_bad_instruction_file_is_one_line(tmp_path, capsys):
     code = lmzoo.cli.main(["finetune", str(tmp_path / "base"), f"--instruct={bad}", f"--out_dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "bad.jsonl:2: not JSON" in err and "Traceback" not in err
+
+
+def test_without_packing_each_example_is_trained_exactly_as_it_is_seen_alone(tmp_path):
+    """packing=False: one example per row, so its logits (and loss) are those of the example alone;
+    packed, the second example of a row sees the first and gets other logits."""
+    import lmzoo.cli
+
+    tok = ByteTokenizer()
+    chats = make_task("add", 3, seed=4)
+    enc = [encode_chat(tok, c) for c in chats]
+    torch.manual_seed(0)
+    model = lmzoo.build("gpt2-debug", vocab_size=257, block_size=64).eval()
+    second = torch.tensor([enc[1][0]])
+    alone = model(second).logits[0]
+    n = second.shape[1]
+
+    x, y = pack(enc, block_size=63, pad_id=256, packing=False)
+    assert x.shape[0] == 3 and [int((r >= 0).sum()) for r in y] == [sum(m) for _, m in enc]
+    torch.testing.assert_close(model(x[1:2]).logits[0, :n], alone, rtol=0, atol=1e-5)
+
+    xp, _ = pack(enc, block_size=63, pad_id=256)
+    assert xp.shape[0] == 2  # the first two share a packed row (32 + 32 tokens), the third starts the next
+    start = len(enc[0][0])
+    seen = model(xp).logits[0, start : start + n]  # the row's inputs end one token before the example does
+    assert (seen - alone[: seen.shape[0]]).abs().max() > 1e-2
+
+    lmzoo.save(model, tmp_path / "base", tok)
+    data = _write(tmp_path / "d.jsonl", make_task("add", 20, seed=0))
+    base = ["finetune", str(tmp_path / "base"), "--method=full", "--max_steps=1", "--batch_size=2",
+            "--eval_iters=1", "--device=cpu", "--progress=false", f"--out_dir={tmp_path / 'run'}"]
+    assert lmzoo.cli.main([*base, f"--instruct={data}", "--no-packing"]) == 0
+    assert lmzoo.cli.main([*base, "--no-packing"]) == 2  # a usage error without instruction data

@@ -189,7 +189,8 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     summary = finetune(
         args.base, method=args.method, target=args.target, r=args.r, alpha=args.alpha, dropout=args.dropout,
         freeze=args.freeze, adapter=args.adapter, instruct=args.instruct, instruct_val=args.instruct_val,
-        teacher=args.teacher, kd_alpha=args.kd_alpha, temperature=args.temperature, **cfg.to_dict(),
+        packing=not args.no_packing, teacher=args.teacher, kd_alpha=args.kd_alpha, temperature=args.temperature,
+        **cfg.to_dict(),
     )
     print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, {summary['trainable']:,} trainable")
     if "adapter_dir" in summary:
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--instruct", default=None, help="instruction JSONL (prompt/response or messages): loss on the "
                    "responses only, examples packed into block_size rows")
     f.add_argument("--instruct-val", default=None, help="validation JSONL (default: the last 10%% of --instruct)")
+    f.add_argument("--no-packing", action="store_true", help="one instruction example per row (no attention "
+                   "across examples, at the cost of padding)")
     f.add_argument("--teacher", default=None, help="distill from this checkpoint / HF directory (same tokenizer)")
     f.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the data CE; 1 - it weighs T^2 * KL")
     f.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")

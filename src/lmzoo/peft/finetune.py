@@ -91,6 +91,7 @@ def finetune(
     adapter: str | Path | None = None,
     instruct: str | Path | None = None,
     instruct_val: str | Path | None = None,
+    packing: bool = True,
     teacher: str | Path | None = None,
     kd_alpha: float = 0.5,
     temperature: float = 2.0,
@@ -102,7 +103,8 @@ def finetune(
     ``method``: ``full`` (every parameter, except those whose name matches ``freeze``), ``lora`` or
     ``qlora`` (NF4 base); default ``lora`` for a directory, ``full`` for a preset. ``instruct``: JSONL of
     prompt/response or chat examples (loss on the responses only, packed into ``block_size`` rows;
-    ``instruct_val`` or the last 10% held out for validation). ``teacher``: a checkpoint or HF directory;
+    ``instruct_val`` or the last 10% held out for validation; ``packing=False``: one example per row).
+    ``teacher``: a checkpoint or HF directory;
     the loss becomes ``kd_alpha * CE + (1 - kd_alpha) * temperature^2 * KL``. ``train_overrides`` are
     :class:`lmzoo.TrainConfig` fields (data source, tokenizer, max_steps, lr, out_dir, resume...). The data
     must use the base model's (and the teacher's) tokenizer.
@@ -112,6 +114,9 @@ def finetune(
     from ..train.trainer import resolve_device, seed_everything
     from .instruct import instruct_loaders
 
+    if not instruct and (instruct_val or not packing):
+        raise ConfigError("instruct_val / packing=False (--instruct-val / --no-packing) need instruction data "
+                          "(instruct= / --instruct)")
     fresh = str(base) in PRESETS and not Path(base).exists()
     method = method or ("full" if fresh else "lora")
     if method not in ("full", "lora", "qlora"):
@@ -160,7 +165,7 @@ def finetune(
     if instruct:
         block = cfg.block_size or model.config.block_size
         data = instruct_loaders(tok, instruct, block, cfg.batch_size, val=instruct_val, seed=cfg.seed,
-                                device=resolve_device(cfg.device))
+                                device=resolve_device(cfg.device), packing=packing)
     trainer = Trainer(cfg, model=model, tokenizer=tok, data=data, loss_fn=loss_fn)
     _check_data_tokenizer(trainer, tok, cfg.tokenizer)
     summary = trainer.train()

@@ -17,7 +17,9 @@ is the next token where that token belongs to an assistant turn (its content and
 **Packing.** Short examples are concatenated into rows of ``block_size + 1`` tokens (an example never
 straddles two rows; the rest of a row is padding with target -1), so few positions are wasted. Packed
 examples can attend to earlier examples in the row (the usual, cheap packing); the end token separates
-them and the model learns that what comes before it is unrelated.
+them and the model learns that what comes before it is unrelated. They also start at a later position
+than they would alone. ``packing=False`` gives every example a row of its own (litgpt's default): each
+is trained exactly as it is seen at inference, at the cost of the padding (a test shows the difference).
 
 **Training.** :func:`instruct_loaders` gives the shared trainer in-memory loaders of packed rows
 (``Trainer(cfg, model=..., tokenizer=..., data=(train, val))``; ``lmzoo finetune --instruct``): the
@@ -91,12 +93,13 @@ def encode_chat(tok, messages: Sequence[Message], add_generation_prompt: bool = 
 
 
 def pack(
-    examples: Sequence[tuple[list[int], list[bool]]], block_size: int, pad_id: int = 0
+    examples: Sequence[tuple[list[int], list[bool]]], block_size: int, pad_id: int = 0, packing: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy packing into ``(inputs (N, block_size), targets (N, block_size))`` int64 tensors.
 
     ``targets[n, t]`` is token t+1 of row n where that token is trained on, else -1. An example longer
     than ``block_size + 1`` tokens raises DataError (truncating would cut the response).
+    ``packing=False``: one example per row, the rest padding.
     """
     rows: list[tuple[list[int], list[bool]]] = []
     cur_ids: list[int] = []
@@ -104,7 +107,7 @@ def pack(
     for ids, mask in examples:
         if len(ids) > block_size + 1:
             raise DataError(f"an example of {len(ids)} tokens does not fit block_size {block_size} + 1")
-        if len(cur_ids) + len(ids) > block_size + 1:
+        if cur_ids and (not packing or len(cur_ids) + len(ids) > block_size + 1):
             rows.append((cur_ids, cur_mask))
             cur_ids, cur_mask = [], []
         cur_ids, cur_mask = cur_ids + ids, cur_mask + mask
@@ -202,12 +205,12 @@ class PackedLoader:
 def instruct_loaders(
     tok, train: str | Path | Sequence[Sequence[Message]], block_size: int, batch_size: int,
     val: str | Path | Sequence[Sequence[Message]] | None = None, val_fraction: float = 0.1, seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", packing: bool = True,
 ) -> tuple[PackedLoader, PackedLoader]:
     """``(train, val)`` loaders of packed, response-masked rows from a JSONL path or a list of chats.
 
     Without ``val``, the last ``val_fraction`` of the examples (at least one) is held out; the rest
-    is shuffled with ``seed`` before packing.
+    is shuffled with ``seed`` before packing. ``packing=False``: one example per row (see :func:`pack`).
     """
     chats = read_jsonl(train) if isinstance(train, (str, Path)) else list(train)
     if val is None:
@@ -223,6 +226,6 @@ def instruct_loaders(
     pad = tok.encode(EOT, allow_special=True)[-1]
     loaders = []
     for part, mode in ((chats, "random"), (val_chats, "sequential")):
-        x, y = pack([encode_chat(tok, c) for c in part], block_size, pad_id=pad)
+        x, y = pack([encode_chat(tok, c) for c in part], block_size, pad_id=pad, packing=packing)
         loaders.append(PackedLoader(x, y, batch_size, seed, mode, device, tok.vocab_size))
     return loaders[0], loaders[1]
