@@ -168,11 +168,12 @@ class _ChunkedScan(torch.autograd.Function):
         n = A.shape[1]
         segs = _segments(T, chunk, segment)
         ut, dt, Bt, Ct = (t.transpose(0, 1) for t in (u, delta, B, C))  # time-first views
-        du = u.new_empty(segs[0][1], b, d)  # Δx of one segment, time-first and contiguous
+        seg = segs[0][1]  # the longest segment's buffer length
+        du = u.new_empty(seg, b, d)  # Δx of one segment, time-first and contiguous
         y = u.new_empty(b, T, d)
         yt = y.transpose(0, 1)
-        a = u.new_empty(segs[0][1], b, d, n)
-        h = u.new_empty(segs[0][1] + 1, b, d, n)  # h[0] is the state entering the segment
+        a = u.new_empty(seg, b, d, n)
+        h = u.new_empty(seg + 1, b, d, n)  # h[0] is the state entering the segment
         starts = []
         state = h0 if h0 is not None else u.new_zeros(b, d, n)
         for sl, Lp in segs:

@@ -104,10 +104,10 @@ def finetune(
     ``qlora`` (NF4 base); default ``lora`` for a directory, ``full`` for a preset. ``instruct``: JSONL of
     prompt/response or chat examples (loss on the responses only, packed into ``block_size`` rows;
     ``instruct_val`` or the last 10% held out for validation; ``packing=False``: one example per row).
-    ``teacher``: a checkpoint or HF directory;
-    the loss becomes ``kd_alpha * CE + (1 - kd_alpha) * temperature^2 * KL``. ``train_overrides`` are
-    :class:`lmzoo.TrainConfig` fields (data source, tokenizer, max_steps, lr, out_dir, resume...). The data
-    must use the base model's (and the teacher's) tokenizer.
+    ``teacher``: a checkpoint or HF directory; the loss becomes
+    ``kd_alpha * CE + (1 - kd_alpha) * temperature^2 * KL``. ``train_overrides`` are :class:`lmzoo.TrainConfig`
+    fields (data source, tokenizer, max_steps, lr, out_dir, resume...). The data must use the base model's
+    (and the teacher's) tokenizer.
     """
     from ..models import PRESETS, build
     from ..train import TrainConfig, Trainer
