@@ -16,7 +16,25 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # again: a test may have changed it
     yield
+
+
+@pytest.fixture(scope="session")
+def prepare_text(tmp_path_factory):
+    """``prepare_text(text)`` -> a directory of ``text`` prepared with the char tokenizer (once per text)."""
+    from lmzoo.data import prepare
+
+    made: dict[str, Path] = {}
+
+    def make(text: str) -> Path:
+        if text not in made:
+            d = tmp_path_factory.mktemp("text")
+            (d / "corpus.txt").write_text(text)
+            made[text] = prepare(str(d / "corpus.txt"), d / "prepared", tokenizer="char", progress=False)
+        return made[text]
+
+    return make
 
 
 @pytest.fixture

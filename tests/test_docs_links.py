@@ -45,7 +45,8 @@ def test_relative_links_and_line_anchors_are_true(page):
         if not 1 <= a <= b <= len(lines):
             problems.append(f"{target}: lines {a}-{b} outside the file's {len(lines)}")
             continue
-        code = re.fullmatch(r"`([A-Za-z_][\w.]*)[^`]*`", text.strip(), re.S)
+        # `name`, `module.name(...)`, or `name` (file.py:N) as the generated links write it
+        code = re.fullmatch(r"`([A-Za-z_][\w.]*)[^`]*`(?: \([\w./-]+:\d+(?:-\d+)?\))?", text.strip(), re.S)
         if code:
             name = code.group(1).split(".")[-1]
             if not re.search(rf"\b{re.escape(name)}\b", "\n".join(lines[a - 1 : b])):

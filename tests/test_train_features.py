@@ -31,20 +31,9 @@ TEXT = "".join(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is as fast, and far faster when other processes share the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    (d / "corpus.txt").write_text(TEXT)
-    return prepare(str(d / "corpus.txt"), d / "prepared", tokenizer="char", progress=False)
+def data_dir(prepare_text) -> Path:
+    return prepare_text(TEXT)
 
 
 def tiny(data_dir: Path, out: Path, **kw) -> TrainConfig:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lmzoo.cli import main
-from lmzoo.data import prepare
 from lmzoo.errors import ConfigError
 from lmzoo.train import TrainConfig, Trainer
 from lmzoo.train import chinchilla as ch
@@ -22,19 +21,9 @@ HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 TEXT = "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(600))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    (d / "corpus.txt").write_text(TEXT)
-    return prepare(str(d / "corpus.txt"), d / "prepared", tokenizer="char", progress=False)
+def data_dir(prepare_text) -> Path:
+    return prepare_text(TEXT)
 
 
 def tiny(data_dir: Path, out: Path, **kw) -> TrainConfig:

@@ -160,6 +160,26 @@ def load_weights(model: LanguageModel, file: str | Path, strict: bool = True) ->
     model.load_state_dict(state, strict=False)
 
 
+def apply_settings(model: LanguageModel, raw: dict[str, Any], where: str | Path) -> LanguageModel:
+    """A freshly built model rebuilt as a checkpoint's ``lmzoo`` settings record (before its weights
+    load): the extra multi-token heads around it, then the quantized layers (``raw``: its config)."""
+    settings = raw.get("lmzoo") or {}  # what lmzoo.save recorded beyond the family's config
+    mtp = settings.get("multi_token")
+    if mtp:  # the extra prediction heads around the model
+        n = mtp.get("n_future") if isinstance(mtp, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
+            raise CheckpointError(f"{where}: lmzoo.multi_token.n_future must be an integer in [1, 64], got {n!r}")
+        from .mtp import MultiTokenLM
+
+        model = MultiTokenLM(model, n)
+    quant = settings.get("quantization")
+    if quant:  # the quantized layers
+        from .quant import apply_spec
+
+        apply_spec(model, quant)
+    return model
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          check_memory: bool = True) -> LanguageModel:
     """Load an lmzoo checkpoint (or the newest one of a run directory) as an eval-mode model.
@@ -172,21 +192,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     check_fits(family, cfg, "cpu", where=str(d), check=check_memory)  # built in float32 on the CPU first
     if torch.device(device).type != "cpu":
         check_fits(family, cfg, device, dtype, where=str(d), check=check_memory)
-    model = build_model(family, cfg)
-    settings = raw.get("lmzoo") or {}  # what lmzoo.save recorded beyond the family's config
-    mtp = settings.get("multi_token")
-    if mtp:  # the extra prediction heads around the model, before their weights load
-        n = mtp.get("n_future") if isinstance(mtp, dict) else None
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
-            raise CheckpointError(f"{d / CONFIG}: lmzoo.multi_token.n_future must be an integer in [1, 64], got {n!r}")
-        from .mtp import MultiTokenLM
-
-        model = MultiTokenLM(model, n)
-    quant = settings.get("quantization")
-    if quant:  # rebuild the quantized layers before their weights load
-        from .quant import apply_spec
-
-        apply_spec(model, quant)
+    model = apply_settings(build_model(family, cfg), raw, d / CONFIG)
     load_weights(model, d / WEIGHTS)
     model.to(device=device)
     if dtype is not None:

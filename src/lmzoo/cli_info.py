@@ -38,14 +38,12 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
             raise ConfigError("info: overrides apply to presets, not to a checkpoint")
         from . import checkpoint as ckpt
 
-        family, cfg, raw = ckpt.read_config(ckpt.resolve(args.checkpoint))
+        d = ckpt.resolve(args.checkpoint)
+        family, cfg, raw = ckpt.read_config(d)
         from .models import build_model
-        from .quant import apply_spec
 
         with MetaWithoutInit():  # shapes only, initializers skipped (fast at any size)
-            model = build_model(family, cfg)
-            if (raw.get("lmzoo") or {}).get("quantization"):  # e.g. BitNet: rebuild its layers
-                apply_spec(model, raw["lmzoo"]["quantization"])
+            model = ckpt.apply_settings(build_model(family, cfg), raw, d / ckpt.CONFIG)  # e.g. MTP heads, BitNet layers
         name = args.checkpoint
     else:
         if not args.preset:
@@ -61,6 +59,8 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"  parameters           {n:,}")
     print(f"  non-embedding        {model.num_params(non_embedding=True):,}")
     print(f"  FLOPs/token (train)  {model.flops_per_token(T):.4g}  at context {T}")
+    if getattr(model, "n_future", 1) > 1:  # a multi-token prediction checkpoint (lmzoo.mtp)
+        print(f"  output heads         {model.n_future} (tokens t+1..t+{model.n_future}; counted above)")
     print("  weight memory        " + ", ".join(
         f"{k} {_fmt_bytes(n * b)}" for k, b in (("fp32", 4), ("bf16", 2), ("int8", 1), ("4-bit", 0.5))
     ))

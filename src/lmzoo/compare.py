@@ -117,6 +117,7 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
 
     from .models import PRESETS, build_model, preset_config
     from .train import TrainConfig
+    from .train.variants import apply_variants
 
     kind, amount = next(iter(exp["budget"].items()))
     vocab = json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"]
@@ -143,9 +144,14 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
             settings["max_steps"] = int(amount)
         elif kind == "tokens":
             settings["max_steps"] = max(1, math.ceil(float(amount) / tokens_per_step))
-        elif kind == "flops":
+        elif kind == "flops":  # the FLOPs of the model the run trains: its variants too (extra heads)
+            try:
+                tc = TrainConfig.from_dict(settings)
+            except LmzooError as e:
+                raise ConfigError(f"compare: run {run['name']}: {e}") from None
             with torch.device("meta"):
-                fpt = build_model(PRESETS[settings["model"]][0], mcfg).flops_per_token(T)
+                model = apply_variants(build_model(PRESETS[settings["model"]][0], mcfg), tc.multi_token, tc.bitnet)
+                fpt = model.flops_per_token(T)
             settings["max_steps"] = max(1, math.ceil(float(amount) / (fpt * tokens_per_step)))
         else:  # wall clock: the step count is only a ceiling, the schedule follows time
             settings["max_time_s"] = float(amount)

@@ -52,6 +52,9 @@ class TrainConfig(Config):
     # segment-level recurrence (Transformer-XL, docs/transformer-xl.md): each row reads a continuous stream
     # (loader mode "stream") and the model's cache (its memory) carries from batch to batch, no gradient
     recurrence: bool = False
+    # variants applied from outside the built model (train/variants.py), to compare at equal budget
+    multi_token: int = 1  # output heads predicting tokens t+1..t+n (docs/multi-token-prediction.md); 1: off
+    bitnet: Literal["off", "b1", "b1.58"] = "off"  # BitLinear attention and MLP projections (docs/bitnet.md)
     max_time_s: float = 0.0  # wall-clock budget incl. the final evaluation (0: none)
     time_clock: Literal["wall", "cpu"] = "wall"  # "cpu": max_time_s counts this process's CPU time
     # optimizer and schedule
@@ -102,11 +105,13 @@ class TrainConfig(Config):
         return self.grad_accum
 
     def validate(self) -> None:
-        positive = ["batch_size", "grad_accum", "max_steps", "eval_iters", "keep_last", "max_nonfinite",
-                    "batch_ramp_start", "system_metrics_interval", "profile_steps"]
+        positive = ["batch_size", "grad_accum", "multi_token", "max_steps", "eval_iters", "keep_last",
+                    "max_nonfinite", "batch_ramp_start", "system_metrics_interval", "profile_steps"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.multi_token > 64:  # the most a checkpoint may record (lmzoo.load)
+            raise ConfigError(f"multi_token must be at most 64, got {self.multi_token}")
         nonneg = ("warmup_steps", "eval_interval", "ckpt_interval", "sample_tokens", "threads",
                   "batch_ramp_steps", "max_time_s", "early_stop_patience", "early_stop_min_delta")
         for name in nonneg:

@@ -6,7 +6,8 @@ large batch (docs/gradient-accumulation.md). Everything the next step depends on
 optimizer moments, schedule step, data position, RNG states, early-stopping state, time spent)
 goes into each checkpoint, so ``resume=True`` continues bit for bit (docs/checkpointing.md).
 
-The model is prepared from outside, in this order: parameters cast and norms kept in float32
+The model is prepared from outside, in this order: the configured variants (multi-token heads,
+BitNet layers: :mod:`.variants`), parameters cast and norms kept in float32
 (:mod:`.precision`), blocks wrapped for activation checkpointing
 (:mod:`.activation_checkpointing`), the optimizer built, then ``torch.compile``.
 """
@@ -46,6 +47,7 @@ from .runtime import (  # noqa: F401 - re-exported: lmzoo.train.trainer.resolve_
     set_rng_state,
 )
 from .schedule import lr_at
+from .variants import apply_variants, check_variants, saved_variants, variants_of
 
 
 class Trainer:
@@ -81,6 +83,7 @@ class Trainer:
 
         if model is None:  # check the model settings before any (possibly long) data preparation
             mcfg0 = preset_config(cfg.model, **cfg.model_args)
+            check_variants(cfg.multi_token, cfg.bitnet, cfg.parallel)
             # [issue 12] refuse a model whose weights + grads + AdamW state cannot fit (lmzoo.memguard)
             check_fits(PRESETS[cfg.model][0], mcfg0, self.device, self.param_dtype, training=True,
                        where=f"model {cfg.model}", check=cfg.memory_check)
@@ -105,6 +108,7 @@ class Trainer:
             if cfg.block_size:
                 args.setdefault("block_size", cfg.block_size)
             model = build_model(PRESETS[cfg.model][0], preset_config(cfg.model, **args))
+            model = apply_variants(model, cfg.multi_token, cfg.bitnet)  # MTP heads, BitNet layers
         self.model = model.to(self.device)
         mcfg = self.model.config
         if getattr(mcfg, "vocab_size", self.meta["vocab_size"]) < self.meta["vocab_size"]:
@@ -242,9 +246,9 @@ class Trainer:
         except CheckpointError:
             print(f"resume: no checkpoint in {self.out_dir}, starting from scratch")
             return
-        family, saved_cfg, _ = ckpt.read_config(d)
-        mine = config_to_dict(self.model)
-        theirs = config_to_dict(family, saved_cfg)
+        family, saved_cfg, raw = ckpt.read_config(d)
+        mine = {**config_to_dict(self.model), **variants_of(self.model)}
+        theirs = {**config_to_dict(family, saved_cfg), **saved_variants(raw.get("lmzoo") or {})}
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs run {mine.get(k)!r}" for k in diff[:4])
@@ -275,7 +279,7 @@ class Trainer:
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, iters: int | None = None) -> float:
-        """Mean val loss over the same ``eval_iters`` batches every time (low-noise comparison)."""
+        """Mean val loss (next-token cross-entropy) over the same ``eval_iters`` batches every time."""
         self.model.eval()
         self.val_loader.load_state_dict(self._val_start)
         memory = self.model.init_cache(self.cfg.batch_size) if self.cfg.recurrence else None  # fresh each time
@@ -286,7 +290,10 @@ class Trainer:
                 if self.par.pipeline is not None:  # [issue 9] pp: the stages run the forward in turn
                     losses.append(self.par.pipeline.eval_loss(x, y))
                     continue
-                losses.append(self.model(x, y, cache=memory).loss.float().item())
+                out = self.model(x, y, cache=memory)
+                # the next-token cross-entropy, comparable across models: without MoE router losses,
+                # and head 1's alone for multi-token prediction (both report it as aux["lm_loss"])
+                losses.append((out.aux or {}).get("lm_loss", out.loss).float().item())
         self.model.train()
         return dist.reduce_mean(sum(losses) / len(losses), self.dist)  # [issue 9] mean over ranks' shards
 

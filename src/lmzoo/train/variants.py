@@ -1,0 +1,58 @@
+"""Variants a training run switches on by config, applied from outside the model it builds.
+
+``multi_token: n`` (n > 1) wraps the model in :class:`~lmzoo.mtp.MultiTokenLM` (n output heads,
+docs/multi-token-prediction.md); ``bitnet: b1 | b1.58`` rewrites the attention and MLP
+projections into BitLinear (:func:`lmzoo.quant.bitnet.convert`, docs/bitnet.md). Both are plain
+fields of :class:`~lmzoo.train.TrainConfig`, so ``lmzoo train --multi_token=4`` and a ``lmzoo
+compare`` run ``{name: mtp4, model: gpt2-char-cpu, multi_token: 4}`` compare them with the
+unchanged model at equal budget.
+
+The order is the one :func:`lmzoo.load` rebuilds a checkpoint in (heads first, then the layer
+rewrite over the whole model, the extra heads included), so a run's checkpoints load as the model
+that was trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from ..models.base import LanguageModel
+
+_PARALLEL_OK = ("none", "ddp")  # modes that run the model as it is (one replica per process)
+
+
+def check_variants(multi_token: int, bitnet: str, parallel: dict[str, Any]) -> None:
+    """Refuse what the variants cannot run under (one line each)."""
+    mode = (parallel or {}).get("mode", "none")
+    used = [name for name, on in (("multi_token", multi_token > 1), ("bitnet", bitnet != "off")) if on]
+    if used and mode not in _PARALLEL_OK:
+        raise ConfigError(f"{' and '.join(used)} run only with parallel.mode none or ddp, not {mode!r}")
+
+
+def apply_variants(model: LanguageModel, multi_token: int, bitnet: str) -> LanguageModel:
+    """``model`` with the configured variants (the same object when none is on)."""
+    if multi_token > 1:
+        from ..mtp import MultiTokenLM
+
+        model = MultiTokenLM(model, n_future=multi_token)
+    if bitnet != "off":
+        from ..quant import bitnet as bn
+
+        bn.convert(model, variant=bitnet)
+    return model
+
+
+def variants_of(model: LanguageModel) -> dict[str, Any]:
+    """The variants ``model`` carries, as :func:`apply_variants`' arguments."""
+    quant = getattr(model, "quantization", None) or {}
+    return {"multi_token": int(getattr(model, "n_future", 1) or 1),
+            "bitnet": quant.get("variant", "off") if quant.get("method") == "bitnet" else "off"}
+
+
+def saved_variants(settings: dict[str, Any]) -> dict[str, Any]:
+    """The variants a checkpoint records (its config's ``lmzoo`` settings), as :func:`variants_of`."""
+    mtp, quant = settings.get("multi_token") or {}, settings.get("quantization") or {}
+    return {"multi_token": int(mtp.get("n_future", 1)) if isinstance(mtp, dict) else 1,
+            "bitnet": quant.get("variant", "off") if isinstance(quant, dict) and quant.get("method") == "bitnet"
+            else "off"}
