@@ -54,13 +54,8 @@ RECIPE = dict(
 def train(name: str, data_dir: Path, work: Path, steps: int, threads: int, model_args: dict, mtp: int = 0):
     cfg = TrainConfig.from_dict({**RECIPE, "model_args": {"block_size": 128, **model_args},
                                  "data_dir": str(data_dir), "out_dir": str(work / name), "max_steps": steps,
-                                 "eval_interval": steps, "threads": threads})
-    model = None
-    if mtp:
-        torch.manual_seed(cfg.seed)
-        base = lmzoo.build(cfg.model, vocab_size=65, **cfg.model_args)
-        model = MultiTokenLM(base, n_future=mtp)
-    trainer = Trainer(cfg, model=model)
+                                 "eval_interval": steps, "threads": threads, "multi_token": mtp or 1})
+    trainer = Trainer(cfg)  # multi_token > 1: a MultiTokenLM with that many heads
     t0 = time.time()
     summary = trainer.train()
     rec = {"bench": "decoding", "what": "train", "model": name, "params": trainer.model.num_params(),
