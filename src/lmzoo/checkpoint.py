@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path, atomic_write_text
 from .config import read_json
 from .convert.io import DIGEST_KEY, corrupt_error, tensors_digest
-from .errors import CheckpointError, LmzooError
+from .errors import CheckpointError, ConfigError, LmzooError
 from .memguard import check_fits
 from .models import build_model, config_from_dict, config_to_dict
 from .models.base import LanguageModel
@@ -77,6 +77,7 @@ def write_checkpoint(
         n_future = getattr(model, "n_future", None)  # a MultiTokenLM (lmzoo.mtp): its extra heads
         if n_future:
             extra = {**(extra or {}), "multi_token": {"n_future": int(n_future)}}
+        extra = {**(extra or {}), **_peft_settings(model)}
         if extra:
             cfg["lmzoo"] = extra
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -85,6 +86,22 @@ def write_checkpoint(
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
     return directory
+
+
+def _peft_settings(model: LanguageModel) -> dict[str, Any]:
+    """What lmzoo.peft rewrote in ``model`` (NF4 layers, LoRA wrappers), so that a fine-tuning
+    checkpoint loads: :func:`apply_settings` rebuilds the same modules before the weights load."""
+    out: dict[str, Any] = {}
+    nf4 = getattr(model, "nf4", None)  # QLoRA's NF4-quantized layers (lmzoo.peft.qlora)
+    if nf4:
+        out["nf4"] = dict(nf4)
+    lora = getattr(model, "lora", None)  # LoRA adapters (lmzoo.peft.lora)
+    if lora:
+        from .peft.lora import lora_modules
+
+        merged = [n for n, m in lora_modules(model) if m.merged]  # their base weights hold the update
+        out["lora"] = {**lora, **({"merged": merged} if merged else {})}
+    return out
 
 
 def save(model: LanguageModel, directory: str | Path, tokenizer=None) -> Path:
@@ -162,7 +179,10 @@ def load_weights(model: LanguageModel, file: str | Path, strict: bool = True) ->
 
 def apply_settings(model: LanguageModel, raw: dict[str, Any], where: str | Path) -> LanguageModel:
     """A freshly built model rebuilt as a checkpoint's ``lmzoo`` settings record (before its weights
-    load): the extra multi-token heads around it, then the quantized layers (``raw``: its config)."""
+    load), in the order they were applied: the extra multi-token heads around it, the quantized
+    layers (BitNet), QLoRA's NF4 layers, then the LoRA wrappers (``raw``: its config).
+
+    The settings come from a file: a malformed one is a one-line CheckpointError naming the key."""
     settings = raw.get("lmzoo") or {}  # what lmzoo.save recorded beyond the family's config
     mtp = settings.get("multi_token")
     if mtp:  # the extra prediction heads around the model
@@ -171,12 +191,22 @@ def apply_settings(model: LanguageModel, raw: dict[str, Any], where: str | Path)
             raise CheckpointError(f"{where}: lmzoo.multi_token.n_future must be an integer in [1, 64], got {n!r}")
         from .mtp import MultiTokenLM
 
-        model = MultiTokenLM(model, n)
-    quant = settings.get("quantization")
-    if quant:  # the quantized layers
-        from .quant import apply_spec
+        try:
+            model = MultiTokenLM(model, n)
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: lmzoo.multi_token: {e}") from None
+    from . import quant
+    from .peft import lora, qlora
 
-        apply_spec(model, quant)
+    # the quantized layers (lmzoo.quant, e.g. BitNet), QLoRA's NF4 base layers, the LoRA adapters
+    for key, apply_spec in (("quantization", quant.apply_spec), ("nf4", qlora.apply_spec), ("lora", lora.apply_spec)):
+        spec = settings.get(key)
+        if spec is None:
+            continue
+        try:
+            apply_spec(model, spec)
+        except LmzooError as e:
+            raise CheckpointError(f"{where}: lmzoo.{key}: {e}") from None
     return model
 
 

@@ -73,10 +73,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, {summary['wall_s']:.0f} s")
     print(f"checkpoint: {cfg.out_dir}  (lmzoo generate --checkpoint {cfg.out_dir} --prompt ...)")
     if cfg.sample_tokens:
-        from .generate import generate
+        from .generate import encode_prompt, generate
 
         tok = trainer.tokenizer
-        prompt = _encode_prompt(tok, cfg.sample_prompt)
+        try:
+            prompt = encode_prompt(tok, cfg.sample_prompt)
+        except LmzooError as e:  # the run is saved; only its sample cannot be drawn
+            print(f"lmzoo: no sample: sample_prompt: {_one_line(str(e))}", file=sys.stderr)
+            return 0
         from .checkpoint import load
 
         # [issue 9] fsdp/tp/pp: rank 0 holds only shards or a stage; sample from the gathered checkpoint
@@ -85,16 +89,6 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print("--- sample ---")
         print(tok.decode(prompt + out[0]))
     return 0
-
-
-def _encode_prompt(tok, text: str) -> list[int]:
-    try:
-        ids = tok.encode(text)
-    except LmzooError:
-        ids = []
-    if not ids:
-        ids = [tok.eos_id if tok.eos_id is not None else 0]
-    return ids
 
 
 def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
@@ -137,16 +131,24 @@ def _load_any(path: str, device: str = "cpu"):
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
-    from .generate import stream
+    from .generate import check_sampling, encode_prompt, stream
     from .train.trainer import resolve_device
 
     if extra:
         raise ConfigError(f"generate: unrecognized arguments: {' '.join(extra)}")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
+    if args.seed is not None:
+        try:  # sample i draws with seed + i
+            check_sampling(0, seed=args.seed + args.num_samples - 1)
+        except ConfigError as e:
+            raise ConfigError(f"--seed plus --num-samples - 1: {e}") from None
     device = resolve_device(args.device)
     model, tok = _load_any(args.checkpoint, device=str(device))
     if tok is None:
         raise ConfigError(f"{args.checkpoint}: no tokenizer saved with the checkpoint")
-    prompt = _encode_prompt(tok, args.prompt)
+    prompt = encode_prompt(tok, args.prompt)  # unknown characters: one error line naming them (exit 2)
     stops = []
     if tok.eos_id is not None:
         stops.append(tok.eos_id)
@@ -158,14 +160,16 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     n_new = args.max_new_tokens
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
+        # checked (settings, memory for the cache) when called: an error comes before any output
+        tokens = stream(
+            model, [prompt], n_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            stop_tokens=stops, seed=seed,
+        )
         text_so_far = tok.decode(prompt)
         sys.stdout.write(text_so_far)
         sys.stdout.flush()
         new: list[int] = []
-        for toks in stream(
-            model, [prompt], n_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            stop_tokens=stops, seed=seed,
-        ):
+        for toks in tokens:
             t = int(toks[0])
             if t in stops:
                 break
@@ -326,10 +330,12 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
     from .chat import ChatSession, run_chat
+    from .generate import check_sampling
     from .train.trainer import resolve_device
 
     if extra:
         raise ConfigError(f"chat: unrecognized arguments: {' '.join(extra)}")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
     model, tok = _load_any(args.checkpoint, device=str(resolve_device(args.device)))
     if tok is None:
         raise ConfigError(f"{args.checkpoint}: no tokenizer saved with the checkpoint")

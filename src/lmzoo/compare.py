@@ -14,7 +14,8 @@ An experiment is a YAML file (docs/compare.md)::
       - {name: moe, model: gpt2-moe-char-cpu, model_args: {n_expert: 4}}
 
 Fairness: the data is prepared once and every run reads the same ``data_dir``; the budget is turned
-into the same number of tokens (steps x batch x context), FLOPs (tokens x ``flops_per_token``) or
+into the same number of tokens (the sum over steps of batch x context x that step's micro-batches,
+so a batch-size ramp's smaller steps count as such), FLOPs (tokens x ``flops_per_token``) or
 seconds (``max_time_s``, the learning rate decayed over wall time) for every run; each seed is a
 separate run. Each run trains in its own Python process, so peak memory (``ru_maxrss`` on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA) is the run's own and a crash does not end the others.
@@ -28,7 +29,6 @@ the machine), ``table.json``, ``table.md`` and ``val_loss_vs_{tokens,time,flops}
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -117,6 +117,8 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
 
     from .models import PRESETS, build_model, preset_config
     from .train import TrainConfig
+    from .train.config import steps_for_tokens
+    from .train.mfu import train_flops_per_token
     from .train.variants import apply_variants
 
     kind, amount = next(iter(exp["budget"].items()))
@@ -135,24 +137,20 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
         except LmzooError as e:
             raise ConfigError(f"compare: run {run['name']}: {e}") from None
         T = settings.get("block_size") or mcfg.block_size
-        if settings.get("global_batch"):
-            tokens_per_step = int(settings["global_batch"]) * T
-        else:
-            tokens_per_step = int(settings.get("batch_size", TrainConfig.batch_size)) * int(
-                settings.get("grad_accum", 1)) * T
-        if kind == "steps":
-            settings["max_steps"] = int(amount)
-        elif kind == "tokens":
-            settings["max_steps"] = max(1, math.ceil(float(amount) / tokens_per_step))
-        elif kind == "flops":  # the FLOPs of the model the run trains: its variants too (extra heads)
+        if kind in ("tokens", "flops"):  # steps of batch x context x micro-batches, the ramp's step by step
             try:
                 tc = TrainConfig.from_dict(settings)
             except LmzooError as e:
                 raise ConfigError(f"compare: run {run['name']}: {e}") from None
+        if kind == "steps":
+            settings["max_steps"] = int(amount)
+        elif kind == "tokens":
+            settings["max_steps"] = steps_for_tokens(float(amount), tc, T)
+        elif kind == "flops":  # the FLOPs of the model the run trains: its variants too (extra heads)
             with torch.device("meta"):
                 model = apply_variants(build_model(PRESETS[settings["model"]][0], mcfg), tc.multi_token, tc.bitnet)
-                fpt = model.flops_per_token(T)
-            settings["max_steps"] = max(1, math.ceil(float(amount) / (fpt * tokens_per_step)))
+                fpt = train_flops_per_token(model, T, tc.recurrence)  # XL: its memory only with recurrence
+            settings["max_steps"] = steps_for_tokens(float(amount) / fpt, tc, T)
         else:  # wall clock: the step count is only a ceiling, the schedule follows time
             settings["max_time_s"] = float(amount)
             settings.setdefault("max_steps", 10**9)

@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from .errors import ConfigError, suggest
+from .errors import ConfigError, LmzooError, suggest
 
 C = TypeVar("C", bound="Config")
 
@@ -163,17 +163,17 @@ class Config:
         return cls.from_dict(read_json(path))
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
-    """Read a JSON object, with a one-line error for a missing or malformed file."""
+def read_json(path: str | Path, error: type[LmzooError] = ConfigError) -> dict[str, Any]:
+    """Read a JSON object, with a one-line ``error`` for a missing or malformed file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: no such file")
+        raise error(f"{p}: no such file")
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+        raise error(f"{p}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
-        raise ConfigError(f"{p}: expected a JSON object")
+        raise error(f"{p}: expected a JSON object")
     return d
 
 

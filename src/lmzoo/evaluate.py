@@ -7,7 +7,9 @@ of UTF-8 bytes that were predicted (Gao et al. 2020, "The Pile", section 5)::
 
     bpb = sum_t -ln p(x_t | x_<t) / ln 2 / n_bytes
 
-For a byte-level model one token is one byte, so ``bpb == mean loss / ln 2`` exactly.
+For a byte-level model one token is one byte, so ``bpb == mean loss / ln 2`` exactly. Special
+tokens (the end-of-text id between documents) stand for no bytes and count 0; their NLL stays in
+the total.
 
 The text is cut into non-overlapping windows of ``block_size + 1`` tokens (every token but the
 first of the text is predicted once, with between 0 and ``block_size - 1`` tokens of context).
@@ -44,7 +46,7 @@ class TextEval:
     perplexity: float  # exp(loss)
     bits_per_byte: float  # total nats / ln 2 / predicted UTF-8 bytes
     tokens: int  # tokens predicted
-    bytes: int  # UTF-8 bytes of the predicted tokens
+    bytes: int  # UTF-8 bytes of the predicted tokens (special tokens: 0)
     nll_nats: float  # total negative log-likelihood
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,7 +54,12 @@ class TextEval:
 
 
 def _token_bytes(tokenizer, ids: Sequence[int]) -> int:
-    """UTF-8 bytes that ``ids`` decode to (exact bytes where the tokenizer can give them)."""
+    """UTF-8 bytes of the text ``ids`` stand for (exact bytes where the tokenizer can give them).
+
+    Special ids (``<|endoftext|>`` between documents) are no text: they count 0 bytes, not the
+    bytes of their name. Their prediction's loss still counts, as part of modelling the text."""
+    special = set((getattr(tokenizer, "special_tokens", None) or {}).values())
+    ids = [i for i in ids if i not in special]
     if hasattr(tokenizer, "decode_bytes"):
         return len(tokenizer.decode_bytes(list(ids)))
     return len(tokenizer.decode(list(ids)).encode("utf-8"))

@@ -28,7 +28,7 @@ import torch
 
 from .cache import KVCache, StaticKVCache
 from .errors import ConfigError
-from .generate import _check_sampling, left_pad, sample_next
+from .generate import check_sampling, left_pad, sample_next
 
 
 def static_cache(model, batch: int, max_len: int, dtype=None, device=None, pad=None) -> StaticKVCache | None:
@@ -96,7 +96,7 @@ def generate_static(
     decoding state cannot be static (use :func:`lmzoo.generate.generate`) or the prompt plus
     ``max_new_tokens`` exceed a learned position table.
     """
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     ids, pad = left_pad(prompts)

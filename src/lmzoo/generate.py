@@ -4,15 +4,61 @@ One prefill pass over the (left-padded) prompts fills the cache, then each step 
 newest token. Sampling: greedy (``temperature=0``), temperature, top-k (keep the k most likely
 tokens) and top-p / nucleus (keep the smallest set whose probability mass reaches p; Holtzman
 et al. 2020). A seeded ``torch.Generator`` makes sampling reproducible.
+
+Settings are checked by one function, :func:`check_sampling`, which the CLI, ``lmzoo serve`` and
+the other decoders share; :func:`stream` checks them (and that the decoding cache fits in memory)
+when it is called, before the first token, so a bad request fails before anything is printed or sent.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, DataError, LmzooError, ResourceError
+from .memguard import ENV as NO_MEMORY_CHECK
+from .memguard import available_bytes, fmt_bytes
+
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64 (a negative seed would alias seed + 2**64)
+_TINY = torch.finfo(torch.float32).tiny  # smaller temperatures divide by zero in float32: they sample like this one
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_sampling(
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> None:
+    """Raise a one-line :class:`ConfigError` naming the first invalid setting.
+
+    ``max_new_tokens`` an integer >= 0; ``temperature`` finite and >= 0 (0 = greedy); ``top_k`` a
+    positive integer; ``top_p`` in (0, 1]; ``seed`` an integer in [0, 2**64) (what a torch generator takes).
+    """
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not _is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k <= 0):
+        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
+        raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r}")
 
 
 def sample_next(
@@ -22,7 +68,9 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
+    """logits (B, V) -> next token ids (B,); NaN logits (a model with broken weights) are refused."""
+    if bool(torch.isnan(logits).any()):
+        raise CheckpointError("the model produced NaN logits: its weights are not finite (a broken checkpoint?)")
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = warp_logits(logits, temperature, top_k, top_p).softmax(-1)
@@ -35,8 +83,11 @@ def warp_logits(
     """logits (..., V) -> float32 logits of the distribution sampling draws from (dropped tokens -inf).
 
     Temperature > 0; speculative decoding (lmzoo.decoding) uses it to get the exact probabilities.
+    The largest logit is subtracted first (softmax does not change): the most likely token's logit is
+    then 0 however small the temperature, so 1e-30 gives 0 and -inf (greedy), never inf - inf = NaN.
     """
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(float(temperature), _TINY)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -50,21 +101,14 @@ def warp_logits(
     return logits
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise ConfigError(f"top_k must be positive, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-align prompts of different lengths: (ids (B, T_max), pad counts (B,))."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("every prompt needs at least one token")
+    _check_prompts(prompts)
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -73,7 +117,74 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return ids, pad
 
 
-@torch.inference_mode()
+class _AllOnMeta(TorchFunctionMode):
+    """Every tensor constructor makes a meta tensor (a shape, no storage), whatever device it names."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if getattr(func, "__name__", "").endswith("_like") and args and isinstance(args[0], torch.Tensor):
+            # zeros_like & co. on meta go through torch's decompositions, whose first use imports sympy (0.4 s)
+            return torch.empty(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype, device="meta")
+        if func in _device_constructors():
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def cache_nbytes(model, batch: int, max_len: int) -> float | None:
+    """Bytes ``model.init_cache(batch, max_len)`` would allocate, counted on the meta device.
+
+    ``inf`` when the sizes cannot even be represented; None when it cannot be told (a cache that is
+    not built from tensor constructors, or has no ``nbytes``).
+    """
+    def probe(n: int):
+        with _AllOnMeta():
+            return model.init_cache(batch, n).nbytes
+
+    try:
+        probe(min(max_len, 2))  # the cache can be measured at all
+    except Exception:
+        return None
+    try:
+        return int(probe(max_len))
+    except (RuntimeError, TypeError, ValueError, OverflowError):  # sizes past int64 (the small probe worked)
+        return math.inf
+
+
+def check_cache_fits(model, batch: int, max_len: int) -> None:
+    """Raise a one-line :class:`ResourceError` when the decoding cache cannot fit in the device's memory.
+
+    Caches that grow with the length (full attention) are refused before anything is allocated;
+    bounded ones (a sliding-window ring buffer, a recurrent state) pass whatever ``max_len`` is.
+    ``LMZOO_NO_MEMORY_CHECK=1`` skips the check (as for models, lmzoo.memguard).
+    """
+    if os.environ.get(NO_MEMORY_CHECK, "").strip() not in ("", "0"):
+        return
+    need = cache_nbytes(model, batch, max_len)
+    if need is None:
+        return
+    device = torch.device(model.device)
+    avail = available_bytes(device)
+    if need == math.inf or (avail is not None and need > avail):
+        size = "more than 2**63 bytes" if need == math.inf else fmt_bytes(need)
+        room = f"{device.type} has {fmt_bytes(avail)} available" if avail is not None else "that cannot be allocated"
+        raise ResourceError(
+            f"the decoding cache for {batch} row(s) of up to {max_len:,} tokens needs {size} but {room}; "
+            f"ask for fewer new tokens (max_new_tokens) or a shorter prompt, or set {NO_MEMORY_CHECK}=1 to try anyway"
+        )
+
+
+def _new_cache(model, batch: int, max_len: int, pad: torch.Tensor):
+    try:
+        return model.init_cache(batch, max_len, pad=pad)
+    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA), or the CPU allocator's refusal
+        if isinstance(e, torch.OutOfMemoryError) or "allocate" in str(e):
+            raise ResourceError(
+                f"out of memory allocating the decoding cache for {batch} row(s) of up to {max_len:,} tokens; "
+                "ask for fewer new tokens or a shorter prompt"
+            ) from None
+        raise
+
+
 def stream(
     model,
     prompts: Sequence[Sequence[int]] | torch.Tensor,
@@ -85,59 +196,74 @@ def stream(
     stop_tokens: Sequence[int] = (),
     seed: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,) on the CPU, step by step.
+    """An iterator of the next token of every row, (B,) on the CPU, step by step.
 
     Rows that produced a stop token keep yielding that stop token (the caller stops reading
-    them); the loop ends when every row has stopped or ``max_new_tokens`` were produced.
+    them); the iteration ends when every row has stopped or ``max_new_tokens`` were produced.
+    The settings, the prompts and the cache's memory are checked here, when ``stream`` is called.
+
+    A model with a bounded position table (learned positions) decodes past its context by sliding
+    its window: each row's context is its newest ``min(len, context)`` tokens; when a row's window is
+    full, the cache is re-prefilled with that row's newest half-context (nanoGPT crops the context at
+    every step instead; this amortizes the recomputation). Each row slides on its own schedule, so a
+    row's tokens do not depend on the other prompts of the batch.
     """
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
-    ids, pad = left_pad(prompts)
-    device = model.device
-    B, T = ids.shape
+    _check_prompts(prompts)
+    limit = model.max_positions() if hasattr(model, "max_positions") else None
+    longest = max(len(p) for p in prompts)
+    cache_len = longest + max_new_tokens if limit is None else min(longest + max_new_tokens, limit)
+    if max_new_tokens > 0:
+        check_cache_fits(model, len(prompts), cache_len)
+    # each row's context: what its next prefill reads (at most cache_len tokens: the newest ones)
+    rows = [[int(t) for t in p[-cache_len:]] for p in prompts]
+    sampling = (temperature, top_k, top_p)
+    return _decode(model, rows, max_new_tokens, cache_len, limit is not None, sampling, list(stop_tokens), seed)
+
+
+@torch.inference_mode()
+def _decode(model, ctx: list[list[int]], max_new_tokens: int, cache_len: int, slide: bool, sampling: tuple,
+            stop_tokens: list[int], seed: int | None) -> Iterator[torch.Tensor]:
+    """The prefill/decode loop of :func:`stream` (arguments checked)."""
     if max_new_tokens == 0:
         return
-    # A model with a bounded position table (learned positions) decodes past its context by
-    # re-prefilling the cache with the newest half-context of tokens when it fills up (nanoGPT
-    # crops the context at every step instead; this amortizes the recomputation).
-    limit = model.max_positions() if hasattr(model, "max_positions") else None
-    cache_len = T + max_new_tokens if limit is None else min(T + max_new_tokens, limit)
+    device = model.device
+    B = len(ctx)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
-    seq = ids.to(device)
-    pad = pad.to(device)
+    keep = max(1, cache_len // 2)  # a row whose window is full restarts from its newest half-context
 
-    def prefill(keep: int):
-        ctx = seq[:, -keep:]
-        row_pad = (pad - (seq.shape[1] - keep)).clamp_min(0)
-        cache = model.init_cache(B, cache_len, pad=row_pad)
-        return cache, model(ctx, cache=cache, last_only=True).logits[:, -1]
+    def prefill():
+        ids, pad = left_pad(ctx)
+        cache = _new_cache(model, B, cache_len, pad.to(device))
+        return cache, model(ids.to(device), cache=cache, last_only=True).logits[:, -1]
 
     was_training = model.training
     model.eval()
     try:
-        cache, logits = prefill(T if T < cache_len else max(1, cache_len // 2))
-        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+        cache, logits = prefill()
+        stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        new_tokens: list[torch.Tensor] = []
         for step in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            nxt = sample_next(logits, *sampling, generator=gen)
             if stop.numel():
                 nxt = torch.where(done, stop[0], nxt)  # finished rows repeat their stop token
                 done |= torch.isin(nxt, stop)
-            yield nxt.cpu()
+            out = nxt.cpu()
+            yield out
             if step + 1 == max_new_tokens or (stop.numel() and bool(done.all())):
                 break
-            if cache.pos >= cache_len:  # only with a bounded context: slide the window
-                seq = torch.cat([seq, *[t[:, None] for t in new_tokens], nxt[:, None]], dim=1)
-                new_tokens = []
-                cache, logits = prefill(max(1, cache_len // 2))
+            if slide:
+                for row, t in zip(ctx, out.tolist()):
+                    row.append(t)
+            if slide and cache.pos >= cache_len:  # the longest row's window is full: slide
+                ctx[:] = [row[-keep:] if len(row) > cache_len else row for row in ctx]
+                cache, logits = prefill()
             else:
-                if limit is not None:
-                    new_tokens.append(nxt)
                 logits = model(nxt[:, None], cache=cache).logits[:, -1]
     finally:
         model.train(was_training)
@@ -171,3 +297,28 @@ def generate(
                 out[b].append(t)
                 finished[b] = t in stops
     return out
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt text (an empty text: the end-of-text token, or id 0).
+
+    A text with characters the tokenizer does not know raises a one-line error naming all of them
+    (instead of generating from something else).
+    """
+    try:
+        ids = tokenizer.encode(text)
+    except LmzooError:
+        unknown = []
+        for c in dict.fromkeys(text):  # the distinct characters, in order
+            try:
+                tokenizer.encode(c)
+            except LmzooError:
+                unknown.append(c)
+        if not unknown:  # another problem (e.g. invalid UTF-8 bytes): the tokenizer's own message
+            raise
+        shown = ", ".join(repr(c) for c in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
+        raise DataError(
+            f"the prompt has {len(unknown)} character(s) the tokenizer does not know: {shown} "
+            f"(its vocabulary has {tokenizer.vocab_size} tokens)"
+        ) from None
+    return ids or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]

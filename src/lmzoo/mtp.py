@@ -63,6 +63,26 @@ def _one_layer_like(cache: KVCache | RollingKVCache, layer: int) -> KVCache | Ro
     return c
 
 
+def _check_kv_model(base: LanguageModel) -> None:
+    """Refuse, before any training, a model whose checkpoint could not decode with extra heads: the
+    heads run copies of the last block, each with a one-layer KV cache that rolls back, so the model
+    needs a full KV cache (Mamba's state, Transformer-XL's memory, linear or Infini-attention's
+    recurrent state cannot roll back) and a last block with its own keys and values."""
+    share = getattr(base.config, "kv_share_every", 1)
+    if share != 1:
+        raise ConfigError(
+            f"multi-token prediction does not support kv_share_every={share}: the extra heads run copies of "
+            "the last block alone, and a block of a KV-sharing model may read another layer's keys and values"
+        )
+    try:
+        rollback_cache(base, 1, 1)  # a one-token cache: tiny (and shapes only on the meta device)
+    except ConfigError as e:
+        raise ConfigError(
+            f"multi-token prediction needs a Transformer with a full KV cache (softmax attention: the gpt2 "
+            f"and llama families): {e}"
+        ) from None
+
+
 class MTPCache:
     """Decoding state of a :class:`MultiTokenLM`: the base model's cache (trunk and head 1) and a
     one-layer cache per extra head. Setting ``pos`` rolls them all back together."""
@@ -115,6 +135,7 @@ class MultiTokenLM(LanguageModel):
             )
         if any(getattr(b, "moe", False) for b in blocks):
             raise ConfigError("multi-token prediction over a mixture-of-experts model is not supported")
+        _check_kv_model(base)
         self.base, self.n_future, self.memory_efficient = base, n_future, memory_efficient
         self.family, self.config = base.family, base.config
         self._norm_name = norm_name

@@ -14,8 +14,10 @@ Streaming answers are server-sent events: ``data: {chunk}`` lines, then ``data: 
 Limits, and why: the server binds to 127.0.0.1 unless told otherwise (it has no authentication);
 a request body over ``max_body_bytes`` is refused with 413 before it is parsed; ``max_tokens``
 above ``max_tokens_limit`` is refused with 400 (not silently clamped: a client asking for more
-than it gets would see a truncated answer it did not ask for); malformed JSON or a bad field is a
-400 with a message in OpenAI's error format. Slow clients are cut off: a connection that has not sent
+than it gets would see a truncated answer it did not ask for); malformed JSON, a bad field (checked
+by lmzoo.generate.check_sampling, as everywhere) or a prompt with characters the tokenizer does not
+know is a 400 with a message in OpenAI's error format, checked before a stream starts; no user input
+gets a 500. Slow clients are cut off: a connection that has not sent
 a request's headers within ``read_timeout_s`` is closed, a body not received within it is a 408, an
 idle keep-alive connection closes after 5 s; beyond ``max_connections`` at once the answer is 503;
 SIGTERM lets requests in flight finish (up to 5 s) and exits with code 0 (benchmarks/serve_load.py,
@@ -35,7 +37,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from .chat import format_chat, stream_text
-from .errors import ConfigError
+from .errors import ConfigError, LmzooError
+from .generate import check_sampling, encode_prompt
 
 DEFAULT_MAX_TOKENS_LIMIT = 512
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -113,14 +116,26 @@ class Server:
                   "seed": _number(body, "seed", None, int)}
         if kwargs["top_p"] == 0.0:
             kwargs["top_p"] = None if kwargs["temperature"] == 0 else 1e-9  # 0: only the most likely token
+        try:  # what generation itself checks (NaN, a seed past 2**64, ...): now, as a 400, before any work
+            check_sampling(max_tokens, **kwargs)
+        except ConfigError as e:
+            name = str(e).split()[0]
+            raise RequestError(str(e), param=name if name in kwargs else None) from None
         return max_tokens, stop, kwargs
+
+    def check_prompt(self, prompt: str, param: str) -> None:
+        """A prompt the tokenizer cannot encode (a character a char-level model does not know) is a 400."""
+        try:
+            encode_prompt(self.tokenizer, prompt)
+        except LmzooError as e:
+            raise RequestError(str(e), param=param) from None
 
     # -- generation (under the lock) ----------------------------------------------------------------
     def _pieces(self, prompt: str, max_tokens: int, stops: list[str], kwargs: dict, info: dict) -> Iterator[str]:
         with self.lock:  # one request in the model at a time; the others wait here
             try:
                 yield from stream_text(self.model, self.tokenizer, prompt, max_tokens, stops, info, **kwargs)
-            except ConfigError as e:  # e.g. a character the tokenizer does not know
+            except LmzooError as e:  # any user-caused error (lmzoo.errors) is a 400, never a 500
                 raise RequestError(str(e)) from None
 
     def _head(self, kind: str) -> dict[str, Any]:
@@ -134,6 +149,8 @@ class Server:
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise RequestError("'prompt' must be a string or a non-empty list of strings", param="prompt")
         max_tokens, stops, kwargs = self.sampling(body, 16)
+        for p in prompts:  # every prompt checked before the first is generated (and before a stream starts)
+            self.check_prompt(p, "prompt")
         if body.get("stream"):
             if len(prompts) > 1:
                 raise RequestError("streaming takes a single prompt", param="prompt")
@@ -158,6 +175,7 @@ class Server:
         except ConfigError as e:
             raise RequestError(str(e), param="messages") from None
         max_tokens, extra_stops, kwargs = self.sampling(body, self.max_tokens_limit)
+        self.check_prompt(prompt, "messages")
         stops = stops + extra_stops
         if body.get("stream"):
             return self._stream("chat.completion.chunk", prompt, max_tokens, stops, kwargs)

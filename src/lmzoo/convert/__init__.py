@@ -41,7 +41,7 @@ from ..layers.rope import RotaryEmbedding, rope_frequencies
 from ..memguard import check_fits
 from ..models import build_model
 from ..models.base import LanguageModel
-from . import hf_gpt2, hf_jamba, hf_llama, hf_mamba, io
+from . import hf_fields, hf_gpt2, hf_jamba, hf_llama, hf_mamba, io
 
 
 class Converter(Protocol):
@@ -70,7 +70,9 @@ class Converter(Protocol):
         ...
 
     # Optional: ``source_name(name) -> str``, the HF name an lmzoo tensor is read from, used to
-    # name a missing tensor in the file's terms (without it the lmzoo name is shown).
+    # name a missing tensor in the file's terms (without it the lmzoo name is shown); and
+    # ``ignores(hf_name) -> bool``, true for a buffer the converter drops (it may be non-floating:
+    # every other tensor of the file must be floating point).
 
     def state_to_hf(self, state: Mapping[str, torch.Tensor], cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
         """lmzoo state dict -> HF ``(name, tensor)`` pairs, contiguous, tied weights once."""
@@ -189,6 +191,17 @@ def materialize_buffers(
         raise RuntimeError(f"buffers still on the meta device: {', '.join(left[:5])}")
 
 
+def _config_from_hf(conv: Converter, hf_config: Mapping[str, Any], where: Path) -> Config:
+    """The converter's lmzoo config, every failure a one-line CheckpointError naming ``where``."""
+    try:
+        hf_fields.check_fields(hf_config)  # types first: "hidden_size='64': expected a positive integer"
+        return conv.config_from_hf(hf_config)
+    except LmzooError as e:  # the converter's refusals, or the lmzoo config's (n_embd % n_head != 0)
+        raise CheckpointError(f"{where}: {e}") from None
+    except (TypeError, ValueError, KeyError, ArithmeticError, AttributeError) as e:  # a value not foreseen
+        raise CheckpointError(f"{where}: invalid value in the config ({type(e).__name__}: {io._one_line(e)})") from None
+
+
 def from_hf(
     path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
     check_memory: bool = True,
@@ -210,10 +223,7 @@ def from_hf(
     d = Path(path)
     hf_config = io.read_config(d)
     conv = detect(hf_config, str(d / io.CONFIG))
-    try:
-        cfg = conv.config_from_hf(hf_config)
-    except ConfigError as e:  # e.g. n_embd not divisible by n_head, caught by the lmzoo config
-        raise CheckpointError(f"{d / io.CONFIG}: {e}") from None
+    cfg = _config_from_hf(conv, hf_config, d / io.CONFIG)
     files = io.weight_files(d)  # every file checked to exist before any work
     device = torch.device(device)
     dtype = _resolve_dtype(dtype)
@@ -233,8 +243,15 @@ def from_hf(
     state: dict[str, torch.Tensor] = {}
     sources: set[int] = set()  # storages of the tensors as read from the files
 
+    ignored = getattr(conv, "ignores", lambda name: False)  # buffers the converter drops (GPT-2's masks)
+
     def read() -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in io.iter_tensors(files):
+            if not t.is_floating_point() and not ignored(name):  # an int weight would be cast (or fused) silently
+                raise CheckpointError(
+                    f"{d}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}: "
+                    "model weights must be floating point"
+                )
             sources.add(t.untyped_storage().data_ptr())
             yield name, t
 
@@ -271,14 +288,41 @@ def from_hf(
     return model.eval()
 
 
+def check_exportable(model: nn.Module, allow: Iterable[str] = ()) -> None:
+    """ConfigError naming what ``model`` carries beyond its family's config, which a Hugging Face
+    checkpoint cannot hold: extra multi-token heads, BitNet or NF4-quantized layers, LoRA wrappers.
+    (The config's own inexpressible settings are the converters' ``config_to_hf`` refusals.)
+    ``allow``: the kinds (``"lora"``, ``"nf4"``) a caller handles itself (:func:`lmzoo.peft.export_peft`).
+    """
+    from ..layers.bitlinear import BitLinear, PackedBitLinear
+    from ..peft.lora import LoRALinear
+    from ..peft.nf4 import NF4Linear
+
+    kinds = {type(m) for m in model.modules()}
+    problems = []
+    if getattr(model, "n_future", None):
+        problems.append(f"multi-token prediction heads (n_future={model.n_future}; HF's model has one head: "
+                        "export model.base for the next-token head alone)")
+    if kinds & {BitLinear, PackedBitLinear}:
+        problems.append("BitNet-quantized layers (HF's model has plain linear layers)")
+    if NF4Linear in kinds and "nf4" not in allow:
+        problems.append("NF4-quantized layers (dequantize first: lmzoo.peft.qlora.dequantize_model)")
+    if LoRALinear in kinds and "lora" not in allow:
+        problems.append("LoRA adapters (merge them: lmzoo.peft.merge_lora(model, unwrap=True) or export_merged_hf)")
+    if problems:
+        raise ConfigError(f"cannot export the {model.family} model as Hugging Face: " + "; ".join(problems))
+
+
 def to_hf(model: LanguageModel, path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
     """Write ``model`` as a Hugging Face directory (``config.json`` + ``model.safetensors``), atomically.
 
     The result loads with ``transformers``' ``AutoModelForCausalLM.from_pretrained(path)`` and
     computes the same logits. ``dtype`` None keeps the model's dtype. Raises ConfigError naming
     the fields that keep the model from being expressed in the HF architecture (e.g. RoPE for
-    GPT-2). Returns ``path``.
+    GPT-2, linear attention) or the rewrites it carries (:func:`check_exportable`: multi-token
+    heads, quantized layers, LoRA). Returns ``path``.
     """
+    check_exportable(model)
     conv = _converter_for_family(model.family)
     hf_config = conv.config_to_hf(model.config)
     dtype = _resolve_dtype(dtype) or model.dtype
@@ -300,6 +344,7 @@ register(hf_jamba.JambaConverter())
 __all__ = [
     "CONVERTERS",
     "Converter",
+    "check_exportable",
     "detect",
     "from_hf",
     "materialize_buffers",

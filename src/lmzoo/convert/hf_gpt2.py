@@ -187,6 +187,12 @@ class GPT2Converter:
             problems.append(
                 f"n_kv_head={cfg.n_kv_head} != n_head={cfg.n_head} (GPT-2 has no grouped-query attention)"
             )
+        if cfg.attention != "softmax":
+            problems.append(f"attention={cfg.attention!r} (GPT-2 computes softmax attention)")
+        if cfg.kv_share_every != 1:
+            problems.append(f"kv_share_every={cfg.kv_share_every} (every GPT-2 layer has its own keys and values)")
+        if cfg.n_experts:
+            problems.append(f"n_experts={cfg.n_experts} (GPT-2 has a dense MLP)")
         if cfg.padded_vocab_size != cfg.vocab_size:  # [issue 11] the padding rows have no place in HF's config
             problems.append(f"vocab_multiple={cfg.vocab_multiple} pads the vocabulary (export needs 1)")
         if problems:
@@ -242,6 +248,10 @@ class GPT2Converter:
             else:
                 check_shape(hf_name, t, shape)
             yield name, t
+
+    def ignores(self, hf_name: str) -> bool:
+        """True for the causal-mask buffers old checkpoints hold (uint8 or bool in some)."""
+        return bool(IGNORED.match(hf_name.removeprefix(PREFIX)))
 
     def source_name(self, name: str) -> str:
         """The HF tensor an lmzoo name comes from (for naming missing tensors)."""

@@ -41,6 +41,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..models.llama import LlamaConfig
+from .hf_fields import is_int, is_number
 from .io import check_shape, split_fused_experts
 
 PREFIX = "model."
@@ -106,16 +107,44 @@ def meta_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def _rope_number(src: str, scaling: Mapping[str, Any], key: str, default: Any = None, integer: bool = False) -> Any:
+    """``scaling[key]`` checked to be a positive number (an integer when ``integer``), else ``default``;
+    CheckpointError naming ``<src>.<key>`` for anything else (a string, a list, zero...)."""
+    v = scaling.get(key)
+    if v is None:
+        if default is None:
+            rope_type = scaling.get("rope_type", scaling.get("type"))
+            raise CheckpointError(f"{src}.{key} is missing (rope type {rope_type!r} needs it)")
+        return default
+    ok = is_int(v) if integer else is_number(v)
+    if not ok or v <= 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise CheckpointError(f"{src}.{key}={v!r}: expected {what}")
+    return int(v) if integer else float(v)
+
+
 def _rope_from_hf(hf: Mapping[str, Any], default_theta: float) -> dict[str, Any]:
-    """lmzoo rope fields from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling`` (4)."""
+    """lmzoo rope fields from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling`` (4).
+
+    Every value read is type-checked: a missing ``factor``, a string where a number belongs... is a
+    one-line CheckpointError naming the key (``rope_scaling.factor``), never a traceback."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise CheckpointError(f"{key}={hf[key]!r}: expected a mapping (or null)")
     params = dict(hf.get("rope_parameters") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
         raise CheckpointError("per-layer-type rope_parameters are not supported by lmzoo's Llama")
     legacy = dict(hf.get("rope_scaling") or {})
+    src_theta = "rope_parameters" if "rope_theta" in params else None
     theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
-    scaling = params if ("rope_type" in params or "type" in params) else legacy
+    if theta is None:
+        theta = default_theta  # null: the default, as for the other keys
+    if not is_number(theta) or theta <= 0:
+        raise CheckpointError(f"{src_theta + '.' if src_theta else ''}rope_theta={theta!r}: expected a positive number")
+    use_params = "rope_type" in params or "type" in params
+    scaling, src = (params, "rope_parameters") if use_params else (legacy, "rope_scaling")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
         raise CheckpointError(
             f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
         )
@@ -124,22 +153,25 @@ def _rope_from_hf(hf: Mapping[str, Any], default_theta: float) -> dict[str, Any]
         raise CheckpointError(f"partial_rotary_factor={partial} is not supported (lmzoo rotates all)")
     out: dict[str, Any] = dict(rope_theta=float(theta))
     if rope_type == "linear":
-        out.update(rope_scaling="linear", rope_factor=float(scaling["factor"]))
+        out.update(rope_scaling="linear", rope_factor=_rope_number(src, scaling, "factor"))
     elif rope_type == "yarn":
         for key in ("mscale", "mscale_all_dim"):
             if scaling.get(key):
                 raise CheckpointError(f"yarn with {key} is not supported (DeepSeek's variant)")
         if scaling.get("truncate", True) is False:
             raise CheckpointError("yarn with truncate=false is not supported")
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is not None:
+            attention_factor = _rope_number(src, scaling, "attention_factor")
         out.update(
             rope_scaling="yarn",
-            rope_factor=float(scaling["factor"]),
-            rope_original_max=int(
-                scaling.get("original_max_position_embeddings") or hf["max_position_embeddings"]
+            rope_factor=_rope_number(src, scaling, "factor"),
+            rope_original_max=_rope_number(
+                src, scaling, "original_max_position_embeddings", hf["max_position_embeddings"], integer=True
             ),
-            rope_beta_fast=float(scaling.get("beta_fast") or 32.0),
-            rope_beta_slow=float(scaling.get("beta_slow") or 1.0),
-            rope_attention_factor=scaling.get("attention_factor"),
+            rope_beta_fast=_rope_number(src, scaling, "beta_fast", 32.0),
+            rope_beta_slow=_rope_number(src, scaling, "beta_slow", 1.0),
+            rope_attention_factor=attention_factor,
         )
     return out
 
@@ -200,6 +232,8 @@ class LlamaConverter:
         problems = []
         if cfg.window_pattern and set(cfg.window_pattern) != {"L"}:
             problems.append(f"window_pattern={cfg.window_pattern!r} (Mistral/Mixtral window every layer)")
+        if cfg.attention != "softmax":
+            problems.append(f"attention={cfg.attention!r} (Llama computes softmax attention)")
         if cfg.rope_scaling == "ntk":
             problems.append("rope_scaling='ntk' (transformers has only its dynamic form; use linear or yarn)")
         if problems:
@@ -300,6 +334,10 @@ class LlamaConverter:
             missing = [f"model.layers.{n.split('.')[1]}.self_attn.{p}_proj.weight"
                        for n, parts in pending.items() for p in "qkv" if p not in parts]
             raise CheckpointError(f"missing tensor(s) {', '.join(missing[:5])}")
+
+    def ignores(self, hf_name: str) -> bool:
+        """True for the ``rotary_emb.inv_freq`` buffers some old ``.bin`` files hold."""
+        return bool(IGNORED.match(hf_name.removeprefix(PREFIX)))
 
     @staticmethod
     def _split_experts(hf_name, layer, kind, t, cfg, expected) -> Iterator[tuple[str, torch.Tensor]]:

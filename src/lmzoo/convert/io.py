@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path
+from ..config import read_json
 from ..errors import CheckpointError
 
 CONFIG = "config.json"
@@ -70,13 +71,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     f = d / CONFIG
     if not f.is_file():
         raise CheckpointError(f"{f}: missing {CONFIG} (not a Hugging Face model directory?)")
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{f}: not valid JSON ({_one_line(e)})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{f}: expected a JSON object")
-    return cfg
+    return read_json(f, CheckpointError)
 
 
 def _read_index(index: Path) -> list[Path]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..generate import _check_sampling, warp_logits
+from ..generate import check_sampling, warp_logits
 from .common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
 
 
@@ -108,7 +108,7 @@ def speculative_generate(
     target's distribution after temperature / top-k / top-p (both models' logits warped alike).
     """
     check_draft(target, draft)
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     if k < 1:
         raise ConfigError(f"k (draft tokens per step) must be >= 1, got {k}")
     device = target.device

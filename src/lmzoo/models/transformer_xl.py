@@ -331,9 +331,11 @@ class TransformerXL(LanguageModel):
         """None: relative sinusoid encodings have no table to run out of."""
         return None
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None, memory: bool = False) -> float:
         """6 * N for the weights plus, per layer, three (T x S) products (content scores, position scores,
-        weighted sum): 18 * L * d * S with S = seq_len + mem_len keys (PaLM appendix B's counting)."""
+        weighted sum): 18 * L * d * S keys (PaLM appendix B's counting). The memory is attended only in a
+        forward with a cache (training with ``recurrence=True``): then ``memory=True`` and S = seq_len +
+        mem_len (the full memory, after the first segment); without one S = seq_len."""
         cfg = self.config
-        S = (seq_len or cfg.block_size) + cfg.mem_len
+        S = (seq_len or cfg.block_size) + (cfg.mem_len if memory else 0)
         return 6 * self.num_params(non_embedding=True) + 18 * cfg.n_layer * cfg.n_head * cfg.head_dim * S

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_path
+from ..config import read_json
 from ..errors import CheckpointError, ConfigError
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
@@ -254,39 +255,139 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+def check_spec(spec: Any) -> dict[str, Any]:
+    """A saved LoRA config (``model.lora`` as written to ``adapter.json`` or a checkpoint's config),
+    checked field by field: ConfigError naming the first bad one. Returns it (``target`` defaulted)."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"expected a mapping of LoRA settings, got {spec!r}")
+    r, alpha, dropout = spec.get("r"), spec.get("alpha"), spec.get("dropout", 0.0)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ConfigError(f"r={r!r}: expected a positive integer")
+    for key, v in (("alpha", alpha), ("dropout", dropout)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ConfigError(f"{key}={v!r}: expected a number")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout={dropout!r}: expected a number in [0, 1)")
+    modules = spec.get("modules")
+    if not isinstance(modules, list) or not modules or not all(isinstance(n, str) for n in modules):
+        raise ConfigError(f"modules={modules!r}: expected a non-empty list of module names")
+    if len(set(modules)) != len(modules):
+        raise ConfigError("modules: a module is named twice")
+    target = spec.get("target", "|".join(modules))
+    if not isinstance(target, str):
+        raise ConfigError(f"target={target!r}: expected a string")
+    merged = spec.get("merged", [])
+    if not isinstance(merged, list) or any(n not in modules for n in merged):
+        raise ConfigError(f"merged={merged!r}: expected a list of adapted module names")
+    return {**spec, "target": target, "dropout": float(dropout), "merged": merged}
+
+
+def _module_shapes(model: nn.Module, modules: list[str]) -> dict[str, tuple[int, int]]:
+    """``{name: (out, in)}`` of the adaptable layers ``modules`` names; CheckpointError for one the model
+    lacks (an adapter or checkpoint made for another base)."""
+    own = dict(lora_modules(model))
+    available = set(linear_names(model)) | set(own)
+    shapes = {}
+    for n in modules:
+        if n not in available:
+            raise CheckpointError(f"adapter module {n!r} does not exist in this model: another base model?")
+        m = own.get(n) or model.get_submodule(n)
+        shapes[n] = (m.out_features, m.in_features)
+    return shapes
+
+
+def _inject(model: nn.Module, spec: dict[str, Any]) -> None:
+    """Wrap exactly the layers ``spec["modules"]`` names (as :func:`apply_lora` with ``spec``'s r,
+    alpha and dropout), keep its ``target`` and mark the ``merged`` ones (their base weight holds the
+    update already)."""
+    exact = "^(" + "|".join(re.escape(n) for n in spec["modules"]) + ")$"
+    apply_lora(model, LoRAConfig(exact, spec["r"], float(spec["alpha"]), spec["dropout"]))
+    model.lora["target"] = spec["target"]
+    own = dict(lora_modules(model))
+    for n in spec.get("merged", []):
+        own[n].merged = True
+
+
+def apply_spec(model: nn.Module, spec: Any) -> nn.Module:
+    """Rebuild the LoRA wrappers a checkpoint's config records (``lmzoo.lora``, written by
+    :func:`lmzoo.save` from ``model.lora``) on a freshly built model, before its weights load.
+    ConfigError / CheckpointError naming what is malformed or missing from the model."""
+    spec = check_spec(spec)
+    if getattr(model, "lora", None):
+        raise ConfigError("the model already has LoRA adapters")
+    _module_shapes(model, spec["modules"])
+    _inject(model, spec)
+    return model
+
+
+def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(checked LoRA config, tensors) of an adapter directory; CheckpointError for any defect."""
+    cfg_file, weights = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{directory} holds no LoRA adapter ({ADAPTER_CONFIG} missing)")
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: {ADAPTER_WEIGHTS} is missing")
+    meta = read_json(cfg_file, CheckpointError)
+    if "lora" not in meta:
+        raise CheckpointError(f"{cfg_file}: expected a JSON object with a 'lora' entry")
+    try:
+        spec = check_spec(meta["lora"])
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_file}: lora: {e}") from None
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # SafetensorError, OSError...: a truncated or foreign file
+        msg = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({msg})") from None
+    return spec, state
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Inject (if needed) and load a saved adapter into ``model``.
 
-    Refuses with CheckpointError an adapter made for another base: a module it names is missing, or a
-    tensor's shape differs (the message names the tensor and both shapes).
+    Everything is checked before the model is touched, each defect a one-line CheckpointError: a
+    missing or malformed ``adapter.json`` / ``adapter.safetensors``; an adapter made for another base
+    (a module it names is missing, or a tensor's shape differs: named, with both shapes); a missing,
+    unexpected or non-floating tensor. Every adapted module needs both ``lora_A`` (r, in) and
+    ``lora_B`` (out, r).
     """
     directory = Path(directory)
-    if not (directory / ADAPTER_CONFIG).is_file():
-        raise CheckpointError(f"{directory} holds no LoRA adapter ({ADAPTER_CONFIG} missing)")
-    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
-    lcfg = meta["lora"]
-    state = load_file(str(directory / ADAPTER_WEIGHTS))
-    available = set(linear_names(model)) | {n for n, _ in lora_modules(model)}
-    missing = [n for n in lcfg["modules"] if n not in available]
-    if missing:
-        raise CheckpointError(f"adapter module {missing[0]!r} does not exist in this model: another base model?")
-    if not getattr(model, "lora", None):
-        exact = "^(" + "|".join(re.escape(n) for n in lcfg["modules"]) + ")$"
-        apply_lora(model, LoRAConfig(exact, lcfg["r"], lcfg["alpha"], lcfg["dropout"]))
-        model.lora["target"] = lcfg["target"]
-    own = dict(lora_modules(model))
+    spec, state = _read_adapter(directory)
+    shapes = _module_shapes(model, spec["modules"])
+    r = spec["r"]
+    expected = {}
+    for n, (out_f, in_f) in shapes.items():
+        expected[f"{n}.lora_A"], expected[f"{n}.lora_B"] = (r, in_f), (out_f, r)
+    where = directory / ADAPTER_WEIGHTS
     for key, t in state.items():
-        module, _, which = key.rpartition(".")
-        if module not in own:
-            raise CheckpointError(f"adapter tensor {key!r} has no LoRA module in this model")
-        p = getattr(own[module], which)
-        if tuple(p.shape) != tuple(t.shape):
+        if key not in expected:
+            raise CheckpointError(f"{where}: adapter tensor {key!r} has no LoRA module in this model")
+        if tuple(t.shape) != expected[key]:
             raise CheckpointError(
-                f"adapter tensor {key!r} has shape {tuple(t.shape)} but this model's is {tuple(p.shape)}: "
+                f"{where}: adapter tensor {key!r} has shape {tuple(t.shape)} but this model's is {expected[key]}: "
                 "the adapter was made for another base model"
             )
-        with torch.no_grad():
-            p.copy_(t)
+        if not t.is_floating_point():
+            raise CheckpointError(f"{where}: adapter tensor {key!r} has dtype {t.dtype}, expected floating point")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{where}: missing adapter tensor(s) {', '.join(missing[:3])}{more}")
+    own = dict(lora_modules(model))
+    if own:  # continuing: the model's adapters must be the saved ones
+        if set(own) != set(spec["modules"]) or any(m.r != r for m in own.values()):
+            raise CheckpointError(
+                f"{directory}: the adapter's modules or rank (r={r}) differ from the model's LoRA layers"
+            )
+        if any(m.merged for m in own.values()):
+            raise ConfigError("unmerge the model's adapters before loading an adapter into them")
+    else:
+        _inject(model, {**spec, "merged": []})
+        own = dict(lora_modules(model))
+    with torch.no_grad():
+        for key, t in state.items():
+            module, _, which = key.rpartition(".")
+            getattr(own[module], which).copy_(t)
     return model
 
 
@@ -309,6 +410,24 @@ def _hf_pieces(conv: Any, cfg: Any, name: str, out_f: int, in_f: int) -> list[tu
     return pieces
 
 
+# Adapted layers that peft cannot put on the transformers model so that it computes what lmzoo does, by
+# family: (regex searched in the lmzoo module name, why). Refused by export_peft instead of written wrong.
+PEFT_REFUSED: dict[str, tuple[tuple[str, str], ...]] = {
+    "mamba": (
+        (r"\.dt_proj$", "transformers' Mamba reads dt_proj.weight directly in its scan, so peft's adapter "
+                        "on it would be ignored (wrong logits); merge it instead (export_merged_hf)"),
+        (r"\.out_proj$", "peft refuses LoRA on a Mamba model's out_proj"),
+    ),
+    "jamba": (
+        (r"\.dt_proj$", "transformers' Jamba reads dt_proj.weight directly in its scan, so peft's adapter "
+                        "on it would be ignored (wrong logits); merge it instead (export_merged_hf)"),
+        (r"\.router$", "transformers' Jamba router is not a Linear layer (peft refuses it)"),
+        (r"\.experts\.\d+\.", "transformers' Jamba holds its experts fused, with no per-expert Linear layer "
+                              "for peft (the adapter would be dropped: wrong logits)"),
+    ),
+}
+
+
 def export_peft(model: nn.Module, path: str | Path) -> Path:
     """Write the unmerged adapters in Hugging Face ``peft``'s LoRA format, loadable with
     ``PeftModel.from_pretrained(hf_model, path)`` onto the model :func:`lmzoo.to_hf` writes.
@@ -320,13 +439,22 @@ def export_peft(model: nn.Module, path: str | Path) -> Path:
     separate q/k/v adapters into one fused rank-r adapter, is not possible in general.)
     GPT-2's ``Conv1D`` stores (in, out): ``fan_in_fan_out`` is set, which peft needs for merging; A and
     B themselves keep their (r, in) / (out, r) shapes in peft's Conv1D LoRA too.
+
+    Refused with a one-line ConfigError: a base :func:`lmzoo.to_hf` cannot write (multi-token heads,
+    BitNet layers, a config HF lacks), and adapters peft would apply wrongly or not at all on the HF
+    model (:data:`PEFT_REFUSED`: Mamba/Jamba ``dt_proj``, Mamba ``out_proj``, Jamba's router and experts).
     """
-    from ..convert import _converter_for_family
+    from ..convert import _converter_for_family, check_exportable
 
     if not getattr(model, "lora", None):
         raise ConfigError("the model has no LoRA adapters to export")
     if any(m.merged for _, m in lora_modules(model)):
         raise ConfigError("unmerge the adapters before exporting them in peft format")
+    check_exportable(model, allow=("lora", "nf4"))  # the base must be one to_hf can write
+    for name, _ in lora_modules(model):
+        why = next((w for pattern, w in PEFT_REFUSED.get(model.family, ()) if re.search(pattern, name)), None)
+        if why:
+            raise ConfigError(f"cannot export the adapter on {name!r} in peft format: {why}")
     conv = _converter_for_family(model.family)
     tensors: dict[str, torch.Tensor] = {}
     targets, fan_in_fan_out = [], False

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..quant import check_linear_names
 from .lora import LoRAConfig, LoRALinear, _set_module, apply_lora
 from .nf4 import NF4Linear
 
@@ -40,8 +41,29 @@ def quantize_model(
         p.requires_grad_(False)
     for name in names:
         _set_module(model, name, NF4Linear(model.get_submodule(name), compute_dtype, double_quant))
-    model.nf4 = {"method": "nf4", "modules": names, "double_quant": double_quant}
+    model.nf4 = {"method": "nf4", "modules": names, "double_quant": double_quant,
+                 "compute_dtype": str(compute_dtype).removeprefix("torch.")}
     return names
+
+
+def apply_spec(model: nn.Module, spec: Any) -> nn.Module:
+    """Re-quantize the layers a checkpoint's config records (``lmzoo.nf4``, written by :func:`lmzoo.save`
+    from ``model.nf4``) on a freshly built model, before its weights (the NF4 buffers) load.
+    ConfigError naming the first malformed field, or a module the model lacks."""
+    if not isinstance(spec, dict) or spec.get("method") != "nf4":
+        raise ConfigError(f"expected a mapping with method 'nf4', got {spec!r}")
+    modules = check_linear_names(model, spec.get("modules"))
+    double_quant = spec.get("double_quant", True)
+    if not isinstance(double_quant, bool):
+        raise ConfigError(f"double_quant={double_quant!r}: expected true or false")
+    name = spec.get("compute_dtype", "float32")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"compute_dtype={name!r}: expected a floating-point torch dtype name")
+    if getattr(model, "nf4", None):
+        raise ConfigError("the model is already NF4-quantized")
+    quantize_model(model, "^(" + "|".join(re.escape(n) for n in modules) + ")$", dtype, double_quant)
+    return model
 
 
 def apply_qlora(

@@ -10,16 +10,35 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 
-def apply_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    """Rewrite ``model`` as the saved quantization ``spec`` describes."""
+def apply_spec(model: nn.Module, spec: Any) -> nn.Module:
+    """Rewrite ``model`` as the saved quantization ``spec`` describes.
+
+    ``spec`` comes from a checkpoint's config: anything but a mapping with a known ``method`` and
+    well-formed fields is a one-line ConfigError (CheckpointError for an unknown method) naming it."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"expected a mapping with a 'method', got {spec!r}")
     if spec.get("method") == "bitnet":
         from . import bitnet
 
         return bitnet.apply_spec(model, spec)
     raise CheckpointError(f"unknown quantization method {spec.get('method')!r} in the checkpoint")
+
+
+def check_linear_names(model: nn.Module, modules: Any) -> list[str]:
+    """``modules`` of a saved spec: a non-empty list of exact names of ``nn.Linear`` layers of ``model``,
+    each once (a checkpoint's config may hold anything); ConfigError naming the first bad entry."""
+    if not isinstance(modules, list) or not modules or not all(isinstance(n, str) for n in modules):
+        raise ConfigError(f"modules={modules!r}: expected a non-empty list of module names")
+    linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    bad = next((n for n in modules if n not in linears), None)
+    if bad is not None:
+        raise ConfigError(f"modules: {bad!r} is not an nn.Linear layer of this {type(model).__name__} model")
+    if len(set(modules)) != len(modules):
+        raise ConfigError("modules: a module is named twice")
+    return modules
 
 
 def memory_lines(model: nn.Module) -> list[str]:

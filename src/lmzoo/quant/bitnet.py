@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers.bitlinear import VARIANTS, BitLinear, PackedBitLinear, Variant, packed_weight_bytes
+from . import check_linear_names
 
 DEFAULT_TARGETS = ("*attn.*", "*mlp.*")  # attention and feed-forward projections (MoE experts included)
 DEFAULT_EXCLUDE = ("*router",)
@@ -79,8 +80,23 @@ def pack(model: nn.Module, block_rows: int = 256) -> nn.Module:
     return model
 
 
+def check_spec(model: nn.Module, spec: dict[str, Any]) -> None:
+    """ConfigError naming the first malformed field of a saved bitnet spec (read from a checkpoint's
+    config, so anything may be there): ``variant`` one of VARIANTS, ``modules`` a non-empty list of the
+    names of ``nn.Linear`` layers of ``model`` (exact names, no patterns), ``norm``/``packed`` booleans."""
+    variant = spec.get("variant")
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ConfigError(f"variant={variant!r}: expected one of {', '.join(VARIANTS)}")
+    for key in ("norm", "packed"):
+        if not isinstance(spec.get(key, False), bool):
+            raise ConfigError(f"{key}={spec[key]!r}: expected true or false")
+    check_linear_names(model, spec.get("modules"))
+
+
 def apply_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    """Rebuild the modules a saved ``model.quantization`` spec describes (before loading weights)."""
+    """Rebuild the modules a saved ``model.quantization`` spec describes (before loading weights);
+    ConfigError for a malformed spec (:func:`check_spec`)."""
+    check_spec(model, spec)
     convert(model, spec["variant"], targets=spec["modules"], exclude=(), norm=spec.get("norm", True))
     if spec.get("packed"):
         pack(model)

@@ -7,6 +7,7 @@ line); everything else is about the run. Recipes hold run settings, never archit
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 from ..config import Config
@@ -181,6 +182,20 @@ def grad_accum_at(step: int, cfg: TrainConfig, grad_accum: int | None = None) ->
         return end
     start = min(cfg.batch_ramp_start, end)
     return start + (end - start) * step // cfg.batch_ramp_steps
+
+
+def steps_for_tokens(tokens: float, cfg: TrainConfig, block_size: int) -> int:
+    """The fewest optimizer steps (at least 1) of one process whose tokens reach ``tokens``, each step
+    ``batch_size x block_size x grad_accum_at(step)``: a token (or FLOP) budget turned into
+    ``max_steps``, the batch-size ramp's smaller steps counted as they are."""
+    per_micro = cfg.batch_size * block_size
+    total, n = 0, 0
+    while n < cfg.batch_ramp_steps and total < tokens:  # the ramp: its steps one by one
+        total += per_micro * grad_accum_at(n, cfg)
+        n += 1
+    if total < tokens:  # then full steps
+        n += math.ceil((tokens - total) / (per_micro * cfg.accum_steps))
+    return max(1, n)
 
 
 def split_overrides(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,11 @@ the bf16 peak too, which shows how much it leaves on the table.
 
 CPUs have no such table (the peak depends on cores, clocks and vector units): MFU is logged on a
 CPU only when ``peak_flops`` is given.
+
+MFU is per device. A run over ``world_size`` processes (DDP, FSDP, TP, PP: one device each)
+counts the tokens of all of them per second, so their sum of peaks is the denominator:
+``peak_flops x world_size``. Two ranks that each run as fast as one process alone thus show
+that process's MFU, not twice it.
 """
 
 from __future__ import annotations
@@ -77,8 +82,27 @@ def device_peak_flops(device: torch.device, override: float | None = None) -> tu
     return None, name
 
 
-def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None) -> float | None:
-    """Model FLOPs utilization in [0, 1] (None without a peak)."""
+def mfu(
+    flops_per_token: float, tokens_per_s: float, peak_flops: float | None, world_size: int = 1
+) -> float | None:
+    """Model FLOPs utilization per device in [0, 1] (None without a peak).
+
+    ``tokens_per_s`` is the whole job's (every rank's tokens), ``peak_flops`` one device's and
+    ``world_size`` the number of devices (processes) that produced those tokens.
+    """
     if not peak_flops:
         return None
-    return flops_per_token * tokens_per_s / peak_flops
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    return flops_per_token * tokens_per_s / (peak_flops * world_size)
+
+
+def train_flops_per_token(model, seq_len: int, recurrence: bool = False) -> float:
+    """Model FLOPs per trained token at context ``seq_len``: ``model.flops_per_token``, with the
+    memory counted when the run trains with ``recurrence`` and the model has one (Transformer-XL
+    then attends over ``mem_len`` memory states besides the segment; without a cache it does not)."""
+    import inspect
+
+    if recurrence and "memory" in inspect.signature(model.flops_per_token).parameters:
+        return model.flops_per_token(seq_len, memory=True)
+    return model.flops_per_token(seq_len)

@@ -35,7 +35,7 @@ from .activation_checkpointing import apply_activation_checkpointing
 from .config import TrainConfig, accumulation_steps, grad_accum_at
 from .loggers import Loggers, TensorBoardLogger, WandbLogger, system_metrics
 from .metrics import MetricsLogger
-from .mfu import device_peak_flops, mfu
+from .mfu import device_peak_flops, mfu, train_flops_per_token
 from .optimizers import make_optimizer
 from .precision import DTYPES, apply_precision, autocast, resolve_dtype, setup_tf32
 from .runtime import (  # noqa: F401 - re-exported: lmzoo.train.trainer.resolve_device is public
@@ -83,7 +83,7 @@ class Trainer:
 
         if model is None:  # check the model settings before any (possibly long) data preparation
             mcfg0 = preset_config(cfg.model, **cfg.model_args)
-            check_variants(cfg.multi_token, cfg.bitnet, cfg.parallel)
+            check_variants(cfg.multi_token, cfg.bitnet, cfg.parallel, PRESETS[cfg.model][0], mcfg0)
             # [issue 12] refuse a model whose weights + grads + AdamW state cannot fit (lmzoo.memguard)
             check_fits(PRESETS[cfg.model][0], mcfg0, self.device, self.param_dtype, training=True,
                        where=f"model {cfg.model}", check=cfg.memory_check)
@@ -159,7 +159,8 @@ class Trainer:
             torch.compile(self.train_model, backend=cfg.compile_backend)
             if cfg.compile and self.train_model is not None else self.train_model
         )
-        self.flops_per_token = self.model.flops_per_token(self.block_size)
+        # with recurrence, Transformer-XL's memory is attended too (its mem_len keys)
+        self.flops_per_token = train_flops_per_token(self.model, self.block_size, cfg.recurrence)
         self.peak_flops, self.device_name = device_peak_flops(self.device, cfg.peak_flops)
 
         self.step = 0
@@ -364,8 +365,9 @@ class Trainer:
             non_embedding_params=self.model.num_params(non_embedding=True), device=str(self.device),
             device_name=self.device_name, dtype=str(self.dtype).replace("torch.", ""),
             param_dtype=cfg.param_dtype,
-            flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, block_size=self.block_size,
-            batch_size=cfg.batch_size, grad_accum=self.grad_accum, threads=torch.get_num_threads(),
+            flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, world_size=self.dist.world_size,
+            block_size=self.block_size, batch_size=cfg.batch_size, grad_accum=self.grad_accum,
+            threads=torch.get_num_threads(),
         )
         handlers = {}
         with contextlib.suppress(ValueError):  # not the main thread: no signal handling
@@ -435,7 +437,8 @@ class Trainer:
                     if out is not None:
                         rec.update(loggable(out.aux))  # MoE: router losses, expert loads (last micro-batch)
                     if self.peak_flops:
-                        rec["mfu"] = mfu(self.flops_per_token, tok_s, self.peak_flops)
+                        # tok_s counts every rank's tokens: per device, over world_size peaks
+                        rec["mfu"] = mfu(self.flops_per_token, tok_s, self.peak_flops, self.dist.world_size)
                     if self.step % cfg.system_metrics_interval == 0:
                         rec.update(system_metrics(self.device))
                     log.log("train", self.step, **rec)

@@ -22,12 +22,26 @@ from ..models.base import LanguageModel
 _PARALLEL_OK = ("none", "ddp")  # modes that run the model as it is (one replica per process)
 
 
-def check_variants(multi_token: int, bitnet: str, parallel: dict[str, Any]) -> None:
-    """Refuse what the variants cannot run under (one line each)."""
+def check_variants(multi_token: int, bitnet: str, parallel: dict[str, Any], family: str | None = None,
+                   model_cfg: Any = None) -> None:
+    """Refuse what the variants cannot run under (one line each).
+
+    With the model's ``family`` and config, also the models a variant cannot wrap, before any data
+    is prepared: multi-token heads need a Transformer with a full KV cache (:class:`~lmzoo.mtp.MultiTokenLM`
+    refuses Mamba, Jamba, Transformer-XL, linear / Infini-attention and KV sharing: their checkpoints
+    could not decode). The check builds the model on the meta device (shapes only, nothing allocated)."""
     mode = (parallel or {}).get("mode", "none")
     used = [name for name, on in (("multi_token", multi_token > 1), ("bitnet", bitnet != "off")) if on]
     if used and mode not in _PARALLEL_OK:
         raise ConfigError(f"{' and '.join(used)} run only with parallel.mode none or ddp, not {mode!r}")
+    if multi_token > 1 and family is not None and model_cfg is not None:
+        import torch
+
+        from ..models import build_model
+        from ..mtp import MultiTokenLM
+
+        with torch.device("meta"):
+            MultiTokenLM(build_model(family, model_cfg), n_future=multi_token)
 
 
 def apply_variants(model: LanguageModel, multi_token: int, bitnet: str) -> LanguageModel:
