@@ -128,6 +128,24 @@ def test_linear_rope_with_a_factor_still_loads(hf_dirs, tmp_path):
     assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_theta) == ("linear", 2.0, 500.0)
 
 
+def test_integral_floats_for_integer_fields_load_as_integers(hf_dirs, tmp_path):
+    """JSON writers may write 64 as 64.0 (transformers accepts it): read as the integer, anything else refused."""
+    d = _copy(hf_dirs["llama"], tmp_path / "hf")
+    want = _logits(from_hf(d), _idx())
+    cfg = json.loads((d / "config.json").read_text())
+    yarn = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32.0}
+    _edit_json(d / "config.json", hidden_size=float(cfg["hidden_size"]),
+               num_hidden_layers=float(cfg["num_hidden_layers"]), rope_parameters=yarn)
+    model = from_hf(d)
+    assert type(model.config.n_embd) is int and model.config.n_embd == cfg["hidden_size"]
+    assert type(model.config.n_layer) is int and model.config.rope_scaling == "yarn"
+    assert type(model.config.rope_original_max) is int and model.config.rope_original_max == 32
+    assert _logits(model, _idx()).shape == want.shape
+    _edit_json(d / "config.json", hidden_size=cfg["hidden_size"] + 0.5)
+    with pytest.raises(CheckpointError, match=r"hidden_size=\d+\.5: expected a positive integer"):
+        from_hf(d)
+
+
 # -- 2. non-floating HF tensors -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,dtype", [("model.embed_tokens.weight", torch.int64), ("model.norm.weight", torch.int32),
@@ -247,6 +265,23 @@ def test_bad_adapter_is_one_line_and_leaves_the_model_untouched(adapter, fault):
     _one_line(e)
     assert not getattr(model, "lora", None) and not list(lora_modules(model))  # nothing half-injected
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_adapter_with_another_alpha_is_refused_by_a_model_with_adapters(adapter):
+    """Loading into existing LoRA layers keeps their scaling: a different alpha would give wrong logits."""
+    d, want = adapter
+    same = _fresh()
+    apply_lora(same, target="attn.qkv|mlp.fc", r=2)
+    assert torch.equal(_logits(load_adapter(same, d), _idx()), want)  # same r and alpha: the saved model
+    other = _fresh()
+    apply_lora(other, target="attn.qkv|mlp.fc", r=2, alpha=other_alpha(d))
+    with pytest.raises(CheckpointError, match=r"alpha") as e:
+        load_adapter(other, d)
+    _one_line(e)
+
+
+def other_alpha(d: Path) -> float:
+    return 2 * json.loads((d / "adapter.json").read_text())["lora"]["alpha"] + 1
 
 
 # -- 5. to_hf of what HF cannot represent -------------------------------------------------------------------------
@@ -429,3 +464,20 @@ def test_export_peft_of_the_allowed_mamba_and_jamba_layers_matches_peft(tmp_path
     got = _logits(peft.PeftModel.from_pretrained(hf, tmp_path / "ad"), _idx())
     assert (base_logits - want).abs().max() > 1e-3  # the adapters change the output
     assert (got - want).abs().max() <= 1e-4
+
+
+def test_quantized_layers_count_the_weights_they_hold(tmp_path, capsys):
+    """NF4 and packed BitNet keep their weights in buffers: num_params (and so FLOPs and `lmzoo info`) still
+    counts them, plus only what LoRA adds."""
+    from lmzoo.cli import main
+
+    base = lmzoo.build("llama-debug")
+    n = base.num_params()
+    q = _qlora()
+    lora = sum(p.numel() for name, p in q.named_parameters() if "lora_" in name)
+    assert lora > 0 and q.num_params() == n + lora
+    ternary = bitnet.convert(lmzoo.build("llama-debug"), "b1.58")  # adds its sub-layer norms' weights
+    n_ternary, flops_ternary = ternary.num_params(), ternary.flops_per_token()
+    assert bitnet.pack(ternary).num_params() == n_ternary and ternary.flops_per_token() == flops_ternary
+    assert main(["info", "--checkpoint", str(lmzoo.save(q, tmp_path / "q"))]) == 0
+    assert f"parameters           {n + lora:,}" in capsys.readouterr().out

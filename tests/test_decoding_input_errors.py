@@ -12,12 +12,14 @@ import torch
 import lmzoo
 from lmzoo.cli import main
 from lmzoo.errors import CheckpointError, ConfigError, DataError, ResourceError
+from lmzoo.fast_decode import generate_static
 from lmzoo.generate import (
     SEED_LIMIT,
     check_cache_fits,
     check_sampling,
     encode_prompt,
     generate,
+    nan_guard,
     sample_next,
     stream,
     warp_logits,
@@ -84,6 +86,22 @@ def test_batched_generation_past_the_context_equals_each_prompt_alone(lengths):
     alone = [generate(model, [p], n, temperature=0)[0] for p in prompts]
     assert all(len(row) == n for row in batched)
     assert batched == alone
+
+
+def test_batched_sliding_recomputes_only_the_rows_that_slide(monkeypatch):
+    """Rows slide at different steps; each slide recomputes that row alone (the others' keys move in
+    the cache), so the batch forwards about the tokens its rows would forward alone, not B times more."""
+    model = _model()
+    prompts = _prompts(range(17, 33))  # 16 rows, every one at a different distance from the window's end
+    tokens = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda idx, *a, **k: tokens.append(idx.numel()) or forward(idx, *a, **k))
+    batched = generate(model, prompts, 100, temperature=0)
+    in_batch = sum(tokens)
+    tokens.clear()
+    alone = [generate(model, [p], 100, temperature=0)[0] for p in prompts]
+    assert batched == alone
+    assert in_batch <= 1.2 * sum(tokens)  # whole-batch re-prefills at every row's slide: about 10x
 
 
 # -- 2. a prompt as long as the context is read whole ---------------------------------------------
@@ -345,6 +363,8 @@ def test_cli_generate_from_nan_weights_is_one_line_naming_the_logits(capsys, tmp
     rc, out, err = _cli(capsys, "generate", "--checkpoint", path, "--prompt", "abc", "--max-new-tokens", "3",
                         "--temperature", temperature)
     assert rc == 2 and "NaN logits" in _one_error_line(err)
-    with pytest.raises(CheckpointError, match="NaN logits"):
-        sample_next(torch.tensor([[0.0, float("nan")]]), temperature=float(temperature))
-    assert sample_next(torch.tensor([[0.0, 1.0, float("-inf")]]), temperature=0).item() == 1  # -inf is fine
+    for decode in (generate, generate_static):  # the static loop checks once, after its last token
+        with pytest.raises(CheckpointError, match="NaN logits"):
+            decode(model, [[0, 1, 2]], 3, temperature=float(temperature), seed=0)
+    clean, nan = nan_guard(torch.tensor([[0.0, float("nan")], [1.0, float("-inf")]]))
+    assert nan.tolist() == [True, False] and not torch.isnan(clean).any() and clean[1, 1] == float("-inf")

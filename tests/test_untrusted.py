@@ -320,3 +320,15 @@ def test_cuda_memory_is_what_is_checked_on_a_gpu(ckpt):
     with pytest.raises(memguard.ModelTooLargeError, match="cuda has"):
         memguard.check_fits("llama", cfg, "cuda")
     assert lmzoo.load(ckpt, device="cuda").lm_head.weight.is_cuda
+
+
+def test_cuda_free_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    """After a generation frees its cache, PyTorch keeps the blocks reserved: the driver reports them used,
+    but the next cache of the same size fits in them (serve's second request must not be refused)."""
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * gib)
+    assert memguard.available_bytes("cuda") == 40 * gib
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 50 * gib)
+    assert memguard.available_bytes("cuda") == 10 * gib

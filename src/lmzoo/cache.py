@@ -104,6 +104,27 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.pos += T
 
+    def realign(self, lengths: list[int]) -> None:
+        """Keep each row's newest ``lengths[b]`` entries, right-aligned at the new ``pos = max(lengths)``
+        (the left padding follows). Positions count from each row's first real token, so the moved
+        keys stay valid: batched decoding slides one row's window without recomputing the others."""
+        pad = self.pad.tolist() if self.pad is not None else [0] * self.k.shape[1]
+        if len(lengths) != len(pad) or any(not 0 <= n <= self.pos - p for n, p in zip(lengths, pad)):
+            raise ValueError(f"realign: lengths {lengths} exceed the rows' cached entries")
+        new_pos = max(lengths)
+        if new_pos != self.pos:  # every row shifts by the same pos - new_pos slots (what falls before a
+            for buf in (self.k, self.v):  # row's new padding is masked out)
+                buf[:, :, :, :new_pos] = buf[:, :, :, self.pos - new_pos : self.pos].clone()
+        self.pos = new_pos
+        new_pad = torch.tensor([new_pos - n for n in lengths], dtype=torch.long, device=self.k.device)
+        self.pad = new_pad if bool(new_pad.any()) else None
+
+    def write_rows(self, rows: list[int], src: KVCache) -> None:
+        """Put ``src``'s entries (its ``src.pos`` slots, unpadded) as the newest entries of ``rows``."""
+        n = src.pos
+        self.k[:, rows, :, self.pos - n : self.pos] = src.k[:, :, :, :n]
+        self.v[:, rows, :, self.pos - n : self.pos] = src.v[:, :, :, :n]
+
 
 class RollingKVCache:
     """A KV cache whose memory is bounded by the attention window: one ring buffer per layer.

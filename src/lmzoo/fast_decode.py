@@ -28,7 +28,7 @@ import torch
 
 from .cache import KVCache, StaticKVCache
 from .errors import ConfigError
-from .generate import check_sampling, left_pad, sample_next
+from .generate import check_sampling, left_pad, nan_error, nan_guard, sample_next
 
 
 def static_cache(model, batch: int, max_len: int, dtype=None, device=None, pad=None) -> StaticKVCache | None:
@@ -127,7 +127,10 @@ def generate_static(
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+        nan_seen = torch.zeros(B, dtype=torch.bool, device=device)  # checked once, after the loop
         for step in range(max_new_tokens):
+            logits, nan = nan_guard(logits)
+            nan_seen |= nan
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             if stop.numel():  # a finished row repeats its stop token; decided on the device
                 nxt = torch.where(done, stop[0], nxt)
@@ -140,6 +143,8 @@ def generate_static(
     finally:
         model.train(was_training)
     rows = out.tolist()  # the one host synchronization
+    if nan_seen.any():
+        raise nan_error()
     stops = set(stop_tokens)
     for r, row in enumerate(rows):
         for i, t in enumerate(row):

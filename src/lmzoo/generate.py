@@ -68,13 +68,23 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,); NaN logits (a model with broken weights) are refused."""
-    if bool(torch.isnan(logits).any()):
-        raise CheckpointError("the model produced NaN logits: its weights are not finite (a broken checkpoint?)")
+    """logits (B, V) -> next token ids (B,)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = warp_logits(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def nan_guard(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits with NaN made 0, (B,) flag of rows that had a NaN), with no host synchronization: the
+    decoding loops sample from the cleaned logits and raise :func:`nan_error` once the flag reaches the
+    host with the tokens (a model with broken weights, not torch.multinomial's traceback)."""
+    nan = torch.isnan(logits)
+    return logits.masked_fill(nan, 0.0), nan.any(-1)
+
+
+def nan_error() -> CheckpointError:
+    return CheckpointError("the model produced NaN logits: its weights are not finite (a broken checkpoint?)")
 
 
 def warp_logits(
@@ -249,11 +259,14 @@ def _decode(model, ctx: list[list[int]], max_new_tokens: int, cache_len: int, sl
         stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
+            logits, nan = nan_guard(logits)
             nxt = sample_next(logits, *sampling, generator=gen)
             if stop.numel():
                 nxt = torch.where(done, stop[0], nxt)  # finished rows repeat their stop token
                 done |= torch.isin(nxt, stop)
-            out = nxt.cpu()
+            out, nan = torch.stack((nxt, nan.long())).cpu()  # one copy to the host per token
+            if nan.any():
+                raise nan_error()
             yield out
             if step + 1 == max_new_tokens or (stop.numel() and bool(done.all())):
                 break
@@ -261,12 +274,35 @@ def _decode(model, ctx: list[list[int]], max_new_tokens: int, cache_len: int, sl
                 for row, t in zip(ctx, out.tolist()):
                     row.append(t)
             if slide and cache.pos >= cache_len:  # the longest row's window is full: slide
-                ctx[:] = [row[-keep:] if len(row) > cache_len else row for row in ctx]
-                cache, logits = prefill()
-            else:
-                logits = model(nxt[:, None], cache=cache).logits[:, -1]
+                # full rows restart from their newest half; finished rows (they only repeat their stop
+                # token) keep one token so that they do not make the others slide
+                new = [row[-1:] if fin else row[-keep:] if len(row) > cache_len else row
+                       for row, fin in zip(ctx, done.tolist())]
+                moved = _slide_rows(model, cache, ctx, new)
+                ctx[:] = new
+                if not moved:
+                    cache, logits = prefill()
+                    continue
+            logits = model(nxt[:, None], cache=cache).logits[:, -1]
     finally:
         model.train(was_training)
+
+
+def _slide_rows(model, cache, old: list[list[int]], new: list[list[int]]) -> bool:
+    """Re-lay ``cache`` (holding every row of ``old`` but its newest token) for the rows of ``new``,
+    recomputing only the rows whose context changed; False when the cache is not a plain
+    :class:`~lmzoo.cache.KVCache` (the caller then re-prefills the whole batch)."""
+    from .cache import KVCache
+
+    redo = [b for b, (o, n) in enumerate(zip(old, new)) if n is not o and len(n) > 1]
+    if type(cache) is not KVCache or len({len(new[b]) for b in redo}) > 1:
+        return False
+    cache.realign([len(row) - 1 for row in new])  # the others keep their keys, moved left
+    if redo:  # the slid rows' new context (all the same length), but its newest token: the next step's input
+        part = model.init_cache(len(redo), len(new[redo[0]]) - 1)
+        model(torch.tensor([new[b][:-1] for b in redo], device=model.device), cache=part, last_only=True)
+        cache.write_rows(redo, part)
+    return True
 
 
 def generate(

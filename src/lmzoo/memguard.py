@@ -73,8 +73,9 @@ def available_bytes(device: str | torch.device = "cpu") -> int | None:
     """Memory a new model may take on ``device``, or None when it cannot be told (no check then)."""
     device = torch.device(device)
     if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
+        try:  # the driver's free memory plus what PyTorch's caching allocator holds but no tensor uses
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(torch.cuda.mem_get_info(device)[0]) + max(0, int(cached))
         except Exception:  # no driver, a device index that does not exist: let torch report it later
             return None
     if device.type != "cpu":

@@ -194,8 +194,8 @@ def materialize_buffers(
 def _config_from_hf(conv: Converter, hf_config: Mapping[str, Any], where: Path) -> Config:
     """The converter's lmzoo config, every failure a one-line CheckpointError naming ``where``."""
     try:
-        hf_fields.check_fields(hf_config)  # types first: "hidden_size='64': expected a positive integer"
-        return conv.config_from_hf(hf_config)
+        # types first: "hidden_size='64': expected a positive integer" (64.0 is read as 64)
+        return conv.config_from_hf(hf_fields.check_fields(hf_config))
     except LmzooError as e:  # the converter's refusals, or the lmzoo config's (n_embd % n_head != 0)
         raise CheckpointError(f"{where}: {e}") from None
     except (TypeError, ValueError, KeyError, ArithmeticError, AttributeError) as e:  # a value not foreseen

@@ -42,7 +42,8 @@ MAPPING = frozenset({"rope_scaling", "rope_parameters"})
 
 
 def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer, or a float with an integral value (``32.0``: JSON writers differ; HF accepts it)."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
 
 
 def is_number(v: Any) -> bool:
@@ -72,9 +73,14 @@ def problem(key: str, v: Any) -> str | None:
     return None
 
 
-def check_fields(hf: Mapping[str, Any]) -> None:
-    """CheckpointError ``<key>=<value>: expected ...`` for the first ill-typed value of a known key."""
+def check_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """``hf`` with its integer keys' integral floats made ints (``64.0`` -> ``64``); CheckpointError
+    ``<key>=<value>: expected ...`` for the first ill-typed value of a known key."""
+    out = dict(hf)
     for key, v in hf.items():
         why = problem(key, v)
         if why:
             raise CheckpointError(f"{key}={v!r}: {why}")
+        if isinstance(v, float) and key in POSITIVE_INT | NON_NEGATIVE_INT | INT_OR_AUTO:
+            out[key] = int(v)
+    return out

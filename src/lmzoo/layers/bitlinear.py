@@ -218,6 +218,10 @@ class PackedBitLinear(nn.Module):
         y = (y * (self.weight_scale / sx)).to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
+    def packed_params(self) -> int:
+        """The ternary weights the 2-bit buffer stands for (LanguageModel.num_params counts them)."""
+        return self.in_features * self.out_features
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, packed=2bit")

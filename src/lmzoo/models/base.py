@@ -34,7 +34,9 @@ class LanguageModel(nn.Module):
     config: Config
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count; tied weights are counted once. ``non_embedding`` drops position tables."""
+        """Parameter count; tied weights are counted once. ``non_embedding`` drops position tables.
+        Weights a quantized layer keeps packed in buffers (modules with ``packed_params()``: NF4,
+        packed BitNet) count as the parameters they stand for."""
         seen, n = set(), 0
         for name, p in self.named_parameters():
             if id(p) in seen:
@@ -43,7 +45,7 @@ class LanguageModel(nn.Module):
             if non_embedding and name.endswith("wpe.weight"):
                 continue
             n += p.numel()
-        return n
+        return n + sum(m.packed_params() for m in self.modules() if hasattr(m, "packed_params"))
 
     def active_params(self) -> int:
         """Parameters one token computes with: ``num_params(non_embedding=True)`` minus, in mixture-of-

@@ -375,9 +375,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         raise CheckpointError(f"{where}: missing adapter tensor(s) {', '.join(missing[:3])}{more}")
     own = dict(lora_modules(model))
     if own:  # continuing: the model's adapters must be the saved ones
-        if set(own) != set(spec["modules"]) or any(m.r != r for m in own.values()):
+        if set(own) != set(spec["modules"]) or any(m.r != r or m.alpha != spec["alpha"] for m in own.values()):
             raise CheckpointError(
-                f"{directory}: the adapter's modules or rank (r={r}) differ from the model's LoRA layers"
+                f"{directory}: the adapter's modules, rank (r={r}) or alpha ({spec['alpha']}) differ from the "
+                "model's LoRA layers"
             )
         if any(m.merged for m in own.values()):
             raise ConfigError("unmerge the model's adapters before loading an adapter into them")

@@ -143,6 +143,10 @@ class NF4Linear(nn.Module):
         bias = linear.bias
         self.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False) if bias is not None else None
 
+    def packed_params(self) -> int:
+        """The weights the 4-bit buffers stand for (LanguageModel.num_params counts them)."""
+        return self.in_features * self.out_features
+
     def scales(self) -> torch.Tensor:
         """The per-64 absmax scales (float32 (n_blocks,)), undoing double quantization."""
         if self.double_quant:
