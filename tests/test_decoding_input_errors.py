@@ -104,6 +104,18 @@ def test_batched_sliding_recomputes_only_the_rows_that_slide(monkeypatch):
     assert in_batch <= 1.2 * sum(tokens)  # whole-batch re-prefills at every row's slide: about 10x
 
 
+def test_a_finished_row_does_not_change_the_others_when_the_window_slides():
+    """A row that met its stop token keeps one token of context (it only repeats the stop token), so it
+    stops driving slides; the other rows still decode exactly as they do alone."""
+    model = _model()
+    prompts = _prompts([30, 12, 25])
+    stop = generate(model, [prompts[0]], 3, temperature=0)[0][-1]  # row 0 stops at its third token
+    batched = generate(model, prompts, 60, temperature=0, stop_tokens=[stop])
+    alone = [generate(model, [p], 60, temperature=0, stop_tokens=[stop])[0] for p in prompts]
+    assert batched == alone
+    assert len(batched[0]) <= 3 and max(len(r) for r in batched[1:]) > 32  # the others slide past the window
+
+
 # -- 2. a prompt as long as the context is read whole ---------------------------------------------
 
 
