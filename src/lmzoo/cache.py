@@ -161,9 +161,8 @@ class RollingKVCache:
         self.windows = list(windows)
         self.max_len = max_len
         self.capacity = [self._capacity(w) for w in self.windows]
-        self.k = [torch.zeros(batch, n_kv_head, c, head_dim, dtype=dtype, device=device)
-                  for c in self.capacity]
-        self.v = [torch.zeros_like(t) for t in self.k]
+        self.k, self.v = ([torch.zeros(batch, n_kv_head, c, head_dim, dtype=dtype, device=device)
+                           for c in self.capacity] for _ in range(2))
         self.device = torch.device(device)
         self.pos = 0  # tokens seen so far (the same for every row: rows are left-padded)
         if pad is not None:

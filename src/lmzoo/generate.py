@@ -18,8 +18,6 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._device import _device_constructors
 
 from .errors import CheckpointError, ConfigError, DataError, LmzooError, ResourceError
 from .memguard import ENV as NO_MEMORY_CHECK
@@ -127,28 +125,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return ids, pad
 
 
-class _AllOnMeta(TorchFunctionMode):
-    """Every tensor constructor makes a meta tensor (a shape, no storage), whatever device it names."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if getattr(func, "__name__", "").endswith("_like") and args and isinstance(args[0], torch.Tensor):
-            # zeros_like & co. on meta go through torch's decompositions, whose first use imports sympy (0.4 s)
-            return torch.empty(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype, device="meta")
-        if func in _device_constructors():
-            kwargs["device"] = "meta"
-        return func(*args, **kwargs)
-
-
 def cache_nbytes(model, batch: int, max_len: int) -> float | None:
     """Bytes ``model.init_cache(batch, max_len)`` would allocate, counted on the meta device.
 
-    ``inf`` when the sizes cannot even be represented; None when it cannot be told (a cache that is
-    not built from tensor constructors, or has no ``nbytes``).
+    ``inf`` when the sizes cannot even be represented; None when it cannot be told (an ``init_cache``
+    that cannot build on the meta device, or a cache without ``nbytes``).
     """
     def probe(n: int):
-        with _AllOnMeta():
-            return model.init_cache(batch, n).nbytes
+        return model.init_cache(batch, n, device="meta").nbytes
 
     try:
         probe(min(max_len, 2))  # the cache can be measured at all
@@ -214,7 +198,7 @@ def stream(
 
     A model with a bounded position table (learned positions) decodes past its context by sliding
     its window: each row's context is its newest ``min(len, context)`` tokens; when a row's window is
-    full, the cache is re-prefilled with that row's newest half-context (nanoGPT crops the context at
+    full, that row alone is recomputed from its newest half-context (nanoGPT crops the context at
     every step instead; this amortizes the recomputation). Each row slides on its own schedule, so a
     row's tokens do not depend on the other prompts of the batch.
     """

@@ -128,9 +128,6 @@ def _rope_from_hf(hf: Mapping[str, Any], default_theta: float) -> dict[str, Any]
 
     Every value read is type-checked: a missing ``factor``, a string where a number belongs... is a
     one-line CheckpointError naming the key (``rope_scaling.factor``), never a traceback."""
-    for key in ("rope_parameters", "rope_scaling"):
-        if hf.get(key) is not None and not isinstance(hf[key], dict):
-            raise CheckpointError(f"{key}={hf[key]!r}: expected a mapping (or null)")
     params = dict(hf.get("rope_parameters") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
         raise CheckpointError("per-layer-type rope_parameters are not supported by lmzoo's Llama")

@@ -40,6 +40,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..config import read_json
 from ..errors import CheckpointError, ConfigError
+from ..quant import check_module_list
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -268,11 +269,7 @@ def check_spec(spec: Any) -> dict[str, Any]:
             raise ConfigError(f"{key}={v!r}: expected a number")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout={dropout!r}: expected a number in [0, 1)")
-    modules = spec.get("modules")
-    if not isinstance(modules, list) or not modules or not all(isinstance(n, str) for n in modules):
-        raise ConfigError(f"modules={modules!r}: expected a non-empty list of module names")
-    if len(set(modules)) != len(modules):
-        raise ConfigError("modules: a module is named twice")
+    modules = check_module_list(spec.get("modules"))
     target = spec.get("target", "|".join(modules))
     if not isinstance(target, str):
         raise ConfigError(f"target={target!r}: expected a string")
@@ -413,15 +410,15 @@ def _hf_pieces(conv: Any, cfg: Any, name: str, out_f: int, in_f: int) -> list[tu
 
 # Adapted layers that peft cannot put on the transformers model so that it computes what lmzoo does, by
 # family: (regex searched in the lmzoo module name, why). Refused by export_peft instead of written wrong.
+_DT_PROJ = ("transformers reads dt_proj.weight directly in its scan, so peft's adapter on it would be ignored "
+            "(wrong logits); merge it instead (export_merged_hf)")
 PEFT_REFUSED: dict[str, tuple[tuple[str, str], ...]] = {
     "mamba": (
-        (r"\.dt_proj$", "transformers' Mamba reads dt_proj.weight directly in its scan, so peft's adapter "
-                        "on it would be ignored (wrong logits); merge it instead (export_merged_hf)"),
+        (r"\.dt_proj$", _DT_PROJ),
         (r"\.out_proj$", "peft refuses LoRA on a Mamba model's out_proj"),
     ),
     "jamba": (
-        (r"\.dt_proj$", "transformers' Jamba reads dt_proj.weight directly in its scan, so peft's adapter "
-                        "on it would be ignored (wrong logits); merge it instead (export_merged_hf)"),
+        (r"\.dt_proj$", _DT_PROJ),
         (r"\.router$", "transformers' Jamba router is not a Linear layer (peft refuses it)"),
         (r"\.experts\.\d+\.", "transformers' Jamba holds its experts fused, with no per-expert Linear layer "
                               "for peft (the adapter would be dropped: wrong logits)"),

@@ -27,17 +27,24 @@ def apply_spec(model: nn.Module, spec: Any) -> nn.Module:
     raise CheckpointError(f"unknown quantization method {spec.get('method')!r} in the checkpoint")
 
 
-def check_linear_names(model: nn.Module, modules: Any) -> list[str]:
-    """``modules`` of a saved spec: a non-empty list of exact names of ``nn.Linear`` layers of ``model``,
-    each once (a checkpoint's config may hold anything); ConfigError naming the first bad entry."""
+def check_module_list(modules: Any) -> list[str]:
+    """``modules`` of a saved spec (a checkpoint's config may hold anything): a non-empty list of
+    module names, each once; ConfigError otherwise."""
     if not isinstance(modules, list) or not modules or not all(isinstance(n, str) for n in modules):
         raise ConfigError(f"modules={modules!r}: expected a non-empty list of module names")
+    if len(set(modules)) != len(modules):
+        raise ConfigError("modules: a module is named twice")
+    return modules
+
+
+def check_linear_names(model: nn.Module, modules: Any) -> list[str]:
+    """:func:`check_module_list`, every name an ``nn.Linear`` layer of ``model``; ConfigError naming
+    the first that is not."""
+    check_module_list(modules)
     linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
     bad = next((n for n in modules if n not in linears), None)
     if bad is not None:
         raise ConfigError(f"modules: {bad!r} is not an nn.Linear layer of this {type(model).__name__} model")
-    if len(set(modules)) != len(modules):
-        raise ConfigError("modules: a module is named twice")
     return modules
 
 

@@ -35,12 +35,11 @@ def check_variants(multi_token: int, bitnet: str, parallel: dict[str, Any], fami
     if used and mode not in _PARALLEL_OK:
         raise ConfigError(f"{' and '.join(used)} run only with parallel.mode none or ddp, not {mode!r}")
     if multi_token > 1 and family is not None and model_cfg is not None:
-        import torch
-
+        from ..memguard import MetaWithoutInit
         from ..models import build_model
         from ..mtp import MultiTokenLM
 
-        with torch.device("meta"):
+        with MetaWithoutInit():  # shapes only, initializers skipped (plain meta init costs seconds)
             MultiTokenLM(build_model(family, model_cfg), n_future=multi_token)
 
 
