@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import load_file
 
 import lmzoo
-from lmzoo import checkpoint as ckpt
 from lmzoo.data import prepare
 from lmzoo.errors import CheckpointError
+from lmzoo.formats import checkpoint as ckpt
 
 TEXT = "".join(f"{w} the quick brown fox {i} jumps over the lazy dog.\n" for i, w in enumerate(["a", "b", "c"] * 400))
 

@@ -10,7 +10,7 @@ Trains on character-level tiny Shakespeare (the same budget for each model):
 Then, on prompts of 16 characters cut from the val split, ``--new`` greedy tokens per prompt (one
 prompt at a time, as in interactive use):
 
-- ``greedy``: lmzoo.generate (one token per forward pass, KV cache);
+- ``greedy``: lmzoo.decoding.generate (one token per forward pass, KV cache);
 - ``speculative``: the draft proposes k tokens, the target verifies (greedy: identical output);
   also sampled at temperature 1 for the acceptance rate;
 - ``jacobi``: fixed-point iteration over blocks of 16 tokens (identical output);
@@ -41,7 +41,7 @@ import lmzoo
 from lmzoo.data import TokenLoader, load_meta, prepare
 from lmzoo.decoding.jacobi import Trajectory, consistency_train, jacobi_generate
 from lmzoo.decoding.speculative import speculative_generate
-from lmzoo.mtp import MultiTokenLM, self_speculative_generate
+from lmzoo.models.mtp import MultiTokenLM, self_speculative_generate
 from lmzoo.train import TrainConfig, Trainer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"  # the lmzoo workspace

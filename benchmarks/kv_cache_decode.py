@@ -20,7 +20,7 @@ import time
 import torch
 
 import lmzoo
-from lmzoo.generate import left_pad
+from lmzoo.decoding.generate import left_pad
 
 
 def sync(device: str) -> None:

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 import lmzoo
-from lmzoo.convert.infini import to_infini
 from lmzoo.data import prepare
+from lmzoo.models.infini import to_infini
 from lmzoo.train import TrainConfig, Trainer
 from lmzoo.train.metrics import read_metrics
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import lmzoo
-from lmzoo.convert.hf_llama import meta_to_rotate_half
+from lmzoo.formats.hf.llama import meta_to_rotate_half
 from lmzoo.layers.attention import attend, repeat_kv
 from lmzoo.layers.rope import RotaryEmbedding, apply_rope, rope_frequencies
 

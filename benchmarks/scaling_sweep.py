@@ -1,9 +1,9 @@
 """A reduced scaling-law sweep on CPU: model sizes (the depth dial) x compute budgets (IsoFLOP) on
 tiny Shakespeare (char), then the Hoffmann et al. approach-3 fit, the frontier and the plot.
 
-Each run trains a GPT from :func:`lmzoo.scaling.depth_config` for the number of steps that spends its
-budget C = 6 N D (:func:`lmzoo.scaling.isoflop_plan`), with a cosine schedule ending there
-(:func:`lmzoo.scaling.run_sweep`). Prints one JSON line per run (``--jsonl`` appends them to a file),
+Each run trains a GPT from :func:`lmzoo.evaluation.scaling.depth_config` for the number of steps that spends its
+budget C = 6 N D (:func:`lmzoo.evaluation.scaling.isoflop_plan`), with a cosine schedule ending there
+(:func:`lmzoo.evaluation.scaling.run_sweep`). Prints one JSON line per run (``--jsonl`` appends them to a file),
 then the fit. ``--shard i/n`` runs every n-th run of the plan (largest first), so n processes share
 the sweep; ``--from-log`` refits their files without training. docs/scaling-laws.md has the study.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lmzoo.data import prepare
-from lmzoo.scaling import dial_params, fit_scaling_law, isoflop_plan, plot_fit, run_sweep
+from lmzoo.evaluation.scaling import dial_params, fit_scaling_law, isoflop_plan, plot_fit, run_sweep
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

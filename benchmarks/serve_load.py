@@ -36,9 +36,9 @@ def free_port() -> int:
 
 
 def expected_answers(checkpoint: str) -> dict[str, str]:
-    """Greedy continuations computed in-process with lmzoo.generate: what the server must answer."""
+    """Greedy continuations computed in-process with lmzoo.decoding.generate: what the server must answer."""
     import lmzoo
-    from lmzoo.checkpoint import load_tokenizer_of
+    from lmzoo.formats.checkpoint import load_tokenizer_of
 
     model, tok = lmzoo.load(checkpoint), load_tokenizer_of(checkpoint)
     out = {}

@@ -20,7 +20,7 @@ import time
 import torch
 
 import lmzoo
-from lmzoo.generate import sample_next
+from lmzoo.decoding.generate import sample_next
 
 
 @torch.inference_mode()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmzoo.cli import main
+from lmzoo.cli.app import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

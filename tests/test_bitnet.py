@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lmzoo
-from lmzoo.cli import main as cli_main
+from lmzoo.cli.app import main as cli_main
 from lmzoo.errors import ConfigError
 from lmzoo.layers.bitlinear import (
     BitLinear,
@@ -92,8 +92,9 @@ def test_packed_inference_gives_the_same_logits_as_the_unpacked_model(preset, va
     with torch.no_grad():
         assert torch.equal(model(x).logits, packed(x).logits)  # integer arithmetic: bit-identical
     # decoding with a cache works on the packed model
-    assert lmzoo.generate(packed, [[1, 2, 3]], 5, temperature=0) == lmzoo.generate(model, [[1, 2, 3]], 5,
-                                                                                    temperature=0)
+    assert lmzoo.generate(packed, [[1, 2, 3]], 5, temperature=0) == lmzoo.generate(
+        model, [[1, 2, 3]], 5, temperature=0
+    )
 
 
 def test_packed_weight_memory_is_at_most_a_sixth_of_bf16():

@@ -9,8 +9,8 @@ import pytest
 
 import lmzoo
 from _tiny_run import tiny_run
-from lmzoo.chat import ChatSession, StopStrings, format_chat
-from lmzoo.checkpoint import load_tokenizer_of
+from lmzoo.formats.checkpoint import load_tokenizer_of
+from lmzoo.serving.chat import ChatSession, StopStrings, format_chat
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lmzoo
-from lmzoo.convert import from_hf, to_hf
 from lmzoo.errors import CheckpointError, ConfigError, LmzooError
-from lmzoo.mtp import MultiTokenLM
+from lmzoo.formats.hf import from_hf, to_hf
+from lmzoo.models.mtp import MultiTokenLM
 from lmzoo.peft.lora import apply_lora, export_peft, load_adapter, lora_modules, merge_lora, save_adapter
 from lmzoo.peft.qlora import apply_qlora, quantize_model
 from lmzoo.quant import bitnet
@@ -107,7 +107,7 @@ def test_bad_hf_config_value_is_one_line_naming_the_field(hf_dirs, tmp_path, fam
 
 
 def test_bad_hf_config_through_the_cli_exits_2_without_traceback(hf_dirs, tmp_path, capsys):
-    from lmzoo.cli import main
+    from lmzoo.cli.app import main
 
     d = _copy(hf_dirs["llama"], tmp_path / "hf")
     ByteTokenizer().save(d)
@@ -381,7 +381,7 @@ def test_finetune_checkpoint_loads_as_the_finetuned_model(tmp_path, method):
                  sample_tokens=0, progress=False, device="cpu")
     assert s["step"] == 3
     loaded = lmzoo.load(tmp_path / "run")  # the newest checkpoint, written at the last step
-    settings = json.loads((lmzoo.checkpoint.resolve(tmp_path / "run") / "config.json").read_text())["lmzoo"]
+    settings = json.loads((lmzoo.formats.checkpoint.resolve(tmp_path / "run") / "config.json").read_text())["lmzoo"]
     assert settings["lora"]["r"] == 2 and ("nf4" in settings) == (method == "qlora")
     # the in-memory fine-tuned model, rebuilt independently: base (+ the same NF4 quantization) + the adapter
     ref = lmzoo.load(tmp_path / "base")
@@ -392,7 +392,8 @@ def test_finetune_checkpoint_loads_as_the_finetuned_model(tmp_path, method):
     idx = _idx(257)
     assert torch.equal(_logits(loaded, idx), _logits(ref, idx))
     assert not torch.allclose(_logits(loaded, idx), _logits(lmzoo.load(tmp_path / "base"), idx))
-    assert lmzoo.checkpoint.load_tokenizer_of(tmp_path / "run") is not None  # `lmzoo generate` has what it needs
+    # `lmzoo generate` has what it needs
+    assert lmzoo.formats.checkpoint.load_tokenizer_of(tmp_path / "run") is not None
 
 
 def test_saved_merged_lora_is_not_applied_twice(tmp_path):
@@ -469,7 +470,7 @@ def test_export_peft_of_the_allowed_mamba_and_jamba_layers_matches_peft(tmp_path
 def test_quantized_layers_count_the_weights_they_hold(tmp_path, capsys):
     """NF4 and packed BitNet keep their weights in buffers: num_params (and so FLOPs and `lmzoo info`) still
     counts them, plus only what LoRA adds."""
-    from lmzoo.cli import main
+    from lmzoo.cli.app import main
 
     base = lmzoo.build("llama-debug")
     n = base.num_params()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from lmzoo.compare import PLOTS, RESULT, compare, load_experiment, parse_run
+from lmzoo.evaluation.compare import PLOTS, RESULT, compare, load_experiment, parse_run
 from lmzoo.train.metrics import read_metrics
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lmzoo
-from lmzoo.generate import left_pad
+from lmzoo.decoding.generate import left_pad
 from lmzoo.layers.attention import CausalSelfAttention
 from lmzoo.models import FAMILIES, PRESETS, preset_config
 

@@ -10,10 +10,10 @@ from scipy.stats import chisquare
 
 import lmzoo
 from lmzoo.decoding import jacobi, speculative
+from lmzoo.decoding.generate import warp_logits
 from lmzoo.decoding.jacobi import consistency_loss, jacobi_generate
 from lmzoo.decoding.speculative import speculative_accept, speculative_generate
 from lmzoo.errors import ConfigError
-from lmzoo.generate import warp_logits
 
 MODELS = [("gpt2-debug", {}), ("gpt2-debug", {"pos_emb": "rope"}), ("llama-debug", {}), ("mistral-debug", {})]
 

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 import lmzoo
-from lmzoo.cli import main
-from lmzoo.errors import CheckpointError, ConfigError, DataError, ResourceError
-from lmzoo.fast_decode import generate_static
-from lmzoo.generate import (
+from lmzoo.cli.app import main
+from lmzoo.decoding.generate import (
     SEED_LIMIT,
     check_cache_fits,
     check_sampling,
@@ -24,6 +22,8 @@ from lmzoo.generate import (
     stream,
     warp_logits,
 )
+from lmzoo.decoding.static import generate_static
+from lmzoo.errors import CheckpointError, ConfigError, DataError, ResourceError
 from lmzoo.memguard import ENV as NO_MEMORY_CHECK
 from lmzoo.tokenizer import CharTokenizer
 
@@ -306,7 +306,7 @@ def client(tok):
     pytest.importorskip("httpx", reason="the FastAPI test client needs httpx")
     from fastapi.testclient import TestClient
 
-    from lmzoo.serve import Server, create_app
+    from lmzoo.serving.serve import Server, create_app
 
     torch.manual_seed(0)
     server = Server(lmzoo.build("gpt2-debug", vocab_size=tok.vocab_size).eval(), tok, max_tokens_limit=8)
@@ -349,7 +349,7 @@ def test_serve_a_valid_stream_still_streams(client):
 
 
 def test_serve_any_lmzoo_error_during_generation_is_a_400_not_a_500(client, monkeypatch):
-    import lmzoo.serve as serve
+    import lmzoo.serving.serve as serve
 
     def fail(*args, **kwargs):
         raise CheckpointError("weights went missing")

@@ -52,7 +52,7 @@ def test_topk_logits_saved_and_used(tmp_path):
 
 
 def test_sequence_level_data_is_the_teachers_greedy_continuation():
-    from lmzoo.generate import generate
+    from lmzoo.decoding.generate import generate
     from lmzoo.peft.distill import teacher_sequences
 
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def _train_records(run):
 def test_cli_distills_through_the_trainer(tmp_path):
     """A student that starts equal to its teacher has KL 0 at step 1; the logged loss is
     alpha * CE + (1 - alpha) * T^2 * KL of its parts; a fresh preset student's distillation loss falls."""
-    from lmzoo.cli import main
+    from lmzoo.cli.app import main
 
     common = _teacher_and_text(tmp_path)
     teacher = str(tmp_path / "teacher")
@@ -109,7 +109,7 @@ def test_cli_distills_through_the_trainer(tmp_path):
 
 
 def test_cli_refuses_a_teacher_with_another_vocabulary(tmp_path, capsys):
-    from lmzoo.cli import main
+    from lmzoo.cli.app import main
     from lmzoo.tokenizer import ByteTokenizer
 
     common = _teacher_and_text(tmp_path)

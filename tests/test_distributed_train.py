@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lmzoo
-from lmzoo.cli import main
+from lmzoo.cli.app import main
 
 STEPS = 5
 SETTINGS = [

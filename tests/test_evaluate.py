@@ -9,10 +9,10 @@ import pytest
 
 import lmzoo
 from _tiny_run import SENTENCES, tiny_run
-from lmzoo.checkpoint import load_tokenizer_of
-from lmzoo.cli import main
+from lmzoo.cli.app import main
 from lmzoo.errors import DataError
-from lmzoo.evaluate import evaluate_choices, evaluate_split, evaluate_text, read_choices, sequence_nll
+from lmzoo.evaluation.evaluate import evaluate_choices, evaluate_split, evaluate_text, read_choices, sequence_nll
+from lmzoo.formats.checkpoint import load_tokenizer_of
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def test_full_finetune_with_frozen_embeddings(tmp_path):
 
 
 def test_cli_finetune_lora(tmp_path, capsys):
-    from lmzoo.cli import main
+    from lmzoo.cli.app import main
 
     text = _base(tmp_path)
     args = _args(tmp_path, text)
@@ -66,7 +66,7 @@ def test_lora_finetune_from_a_hugging_face_directory(tmp_path):
 
 
 def test_data_in_another_tokenizer_is_refused(tmp_path, capsys):
-    from lmzoo.cli import main
+    from lmzoo.cli.app import main
 
     text = _base(tmp_path)  # the base was saved with the byte tokenizer
     extra = [f"--{k}={v}" for k, v in _args(tmp_path, text, tokenizer="char").items()]

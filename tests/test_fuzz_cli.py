@@ -1,6 +1,6 @@
 """CLI and config fuzzing (issue 12, item 4): random argv and YAML never give a traceback.
 
-``lmzoo.cli.main`` runs in-process on argument lists and ``--config`` YAML documents drawn by
+``lmzoo.cli.app.main`` runs in-process on argument lists and ``--config`` YAML documents drawn by
 hypothesis. Each case must end as a run or as one line ``lmzoo: error: ...`` with exit code 2.
 Nothing long may start: the points where real work begins (data preparation, the training loop,
 decoding past a few tokens, the HTTP server, the chat loop, sweeps, benchmarks, subprocesses) are
@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import lmzoo  # noqa: E402
-from lmzoo.cli import build_parser, main  # noqa: E402
+from lmzoo.cli.app import build_parser, main  # noqa: E402
 from lmzoo.models import build  # noqa: E402
 from lmzoo.tokenizer import ByteTokenizer  # noqa: E402
 from lmzoo.train.config import TrainConfig  # noqa: E402
@@ -56,8 +56,9 @@ def sandbox(tmp_path_factory):
     lmzoo.save(build("gpt2-debug", vocab_size=257), root / "ckpt", tokenizer=ByteTokenizer())
     (root / "text.txt").write_text("the cat says meow. " * 20)
     mp = pytest.MonkeyPatch()
-    m = {n: importlib.import_module(f"lmzoo.{n}") for n in ("bench", "chat", "compare", "data", "generate",
-                                                            "scaling", "train")}
+    m = {n.rpartition(".")[2]: importlib.import_module(f"lmzoo.{n}") for n in (
+        "evaluation.bench", "serving.chat", "evaluation.compare", "data", "decoding.generate", "evaluation.scaling",
+        "train")}
     for mod, name in [(m["data"], "prepare"), (m["train"].Trainer, "train"), (m["chat"], "run_chat"),
                       (m["compare"], "compare"), (m["scaling"], "run_sweep"), (m["bench"], "bench_train"),
                       (m["bench"], "bench_generate"), (subprocess, "run"), (subprocess, "Popen")]:

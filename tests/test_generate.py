@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import lmzoo
+from lmzoo.decoding.generate import generate, sample_next, stream
 from lmzoo.errors import ConfigError
-from lmzoo.generate import generate, sample_next, stream
 
 
 def greedy_by_recomputation(model, prompt, n):

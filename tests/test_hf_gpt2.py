@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from lmzoo.convert import from_hf, materialize_buffers, to_hf  # noqa: E402
+from lmzoo.decoding.generate import generate  # noqa: E402
 from lmzoo.errors import CheckpointError, ConfigError  # noqa: E402
-from lmzoo.generate import generate  # noqa: E402
+from lmzoo.formats.hf import from_hf, materialize_buffers, to_hf  # noqa: E402
 from lmzoo.models.gpt2 import GPT, GPTConfig  # noqa: E402
 
 VOCAB, CTX = 1000, 128

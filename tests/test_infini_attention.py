@@ -8,8 +8,8 @@ import torch
 import transformers
 
 import lmzoo
-from lmzoo.convert.infini import to_infini
 from lmzoo.layers.infini_attention import sigma, update_memory
+from lmzoo.models.infini import to_infini
 
 SEG = 8
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lmzoo
+from lmzoo.cli import main
 from lmzoo.errors import DataError
 from lmzoo.peft.finetune import finetune
 from lmzoo.peft.instruct import encode_chat, exact_match, instruct_loaders, make_task, pack, read_jsonl
@@ -71,7 +72,7 @@ def test_tuning_teaches_string_reversal(tmp_path):
 
 def test_trainer_loss_counts_response_tokens_only(tmp_path):
     """The loss the trainer logs at step 1 equals the CE over response tokens of its first batch."""
-    import lmzoo.cli
+    import lmzoo.cli.app
 
     tok = ByteTokenizer()
     chats = make_task("add", 40, seed=0)
@@ -81,7 +82,7 @@ def test_trainer_loss_counts_response_tokens_only(tmp_path):
     args = ["finetune", str(tmp_path / "base"), "--method=full", f"--instruct={data}", "--max_steps=2",
             "--batch_size=4", "--eval_iters=1", "--seed=3", "--device=cpu", "--progress=false",
             f"--out_dir={tmp_path / 'run'}"]
-    assert lmzoo.cli.main(args) == 0
+    assert main(args) == 0
     rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = next(r["loss"] for r in rec if r["kind"] == "train")
     train, _ = instruct_loaders(tok, data, 64, 4, seed=3)
@@ -93,19 +94,19 @@ def test_trainer_loss_counts_response_tokens_only(tmp_path):
     assert abs(full.item() - ce.item()) > 0.05  # counting the prompt tokens would log another loss
     assert (y >= 0).sum() < (y.numel() / 2)  # most positions are prompt or padding, not trained on
     # resumable like any run: the packed loader's position is in the checkpoint
-    assert lmzoo.cli.main([*args[:-1], "--max_steps=4", "--resume", f"--out_dir={tmp_path / 'run'}"]) == 0
+    assert main([*args[:-1], "--max_steps=4", "--resume", f"--out_dir={tmp_path / 'run'}"]) == 0
     steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4]
 
 
 def test_cli_bad_instruction_file_is_one_line(tmp_path, capsys):
-    import lmzoo.cli
+    import lmzoo.cli.app
 
     lmzoo.save(lmzoo.build("gpt2-debug", vocab_size=257), tmp_path / "base", ByteTokenizer())
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
-    code = lmzoo.cli.main(["finetune", str(tmp_path / "base"), f"--instruct={bad}", f"--out_dir={tmp_path / 'r'}"])
+    code = main(["finetune", str(tmp_path / "base"), f"--instruct={bad}", f"--out_dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "bad.jsonl:2: not JSON" in err and "Traceback" not in err
 
@@ -113,7 +114,7 @@ def test_cli_bad_instruction_file_is_one_line(tmp_path, capsys):
 def test_without_packing_each_example_is_trained_exactly_as_it_is_seen_alone(tmp_path):
     """packing=False: one example per row, so its logits (and loss) are those of the example alone;
     packed, the second example of a row sees the first and gets other logits."""
-    import lmzoo.cli
+    import lmzoo.cli.app
 
     tok = ByteTokenizer()
     chats = make_task("add", 3, seed=4)
@@ -138,5 +139,5 @@ def test_without_packing_each_example_is_trained_exactly_as_it_is_seen_alone(tmp
     data = _write(tmp_path / "d.jsonl", make_task("add", 20, seed=0))
     base = ["finetune", str(tmp_path / "base"), "--method=full", "--max_steps=1", "--batch_size=2",
             "--eval_iters=1", "--device=cpu", "--progress=false", f"--out_dir={tmp_path / 'run'}"]
-    assert lmzoo.cli.main([*base, f"--instruct={data}", "--no-packing"]) == 0
-    assert lmzoo.cli.main([*base, "--no-packing"]) == 2  # a usage error without instruction data
+    assert main([*base, f"--instruct={data}", "--no-packing"]) == 0
+    assert main([*base, "--no-packing"]) == 2  # a usage error without instruction data

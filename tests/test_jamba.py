@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 import lmzoo
 from lmzoo.cache import HybridCache
+from lmzoo.decoding.generate import left_pad
 from lmzoo.errors import ConfigError
-from lmzoo.generate import left_pad
 from lmzoo.layers.moe import MoE
 from lmzoo.models.jamba import JambaConfig
 from lmzoo.train.activation_checkpointing import apply_activation_checkpointing

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 import lmzoo
 from lmzoo.cache import KVCache, RollingKVCache
-from lmzoo.convert.hf_llama import meta_to_rotate_half
 from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.formats.hf.llama import meta_to_rotate_half
 from lmzoo.layers.rope import apply_rope, rope_frequencies, scaled_rope_frequencies
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import lmzoo
 from lmzoo.errors import ConfigError
-from lmzoo.mtp import MultiTokenLM, self_speculative_generate
+from lmzoo.models.mtp import MultiTokenLM, self_speculative_generate
 
 CASES = [("gpt2-debug", {}), ("gpt2-debug", {"pos_emb": "rope", "norm": "rmsnorm"}),
          ("llama-debug", {}), ("mistral-debug", {})]

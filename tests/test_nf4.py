@@ -7,7 +7,7 @@ import torch
 
 import lmzoo
 from lmzoo.peft import apply_qlora, memory_report
-from lmzoo.peft.nf4 import (
+from lmzoo.quant.nf4 import (
     NF4_CODE,
     NF4Linear,
     dequantize_absmax,
@@ -120,7 +120,7 @@ def test_bitsandbytes_agrees_bit_for_bit():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: bitsandbytes' NF4 kernels need one (run benchmarks/gpu/nf4_vs_bnb.py on a GPU)")
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
-    from lmzoo.peft.nf4 import compare_with_bitsandbytes
+    from lmzoo.quant.nf4 import compare_with_bitsandbytes
 
     res = compare_with_bitsandbytes(256, 128)
     for dtype in ("float32", "bfloat16", "float16"):
@@ -129,7 +129,7 @@ def test_bitsandbytes_agrees_bit_for_bit():
 
 
 def test_info_reports_nf4_weight_memory(capsys):
-    from lmzoo.cli import main
+    from lmzoo.cli.app import main
     from lmzoo.peft.qlora import estimate
 
     assert main(["info", "llama-debug", "--nf4", "--n_embd=256", "--n_head=4", "--vocab_size=64"]) == 0

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import lmzoo
-from lmzoo import checkpoint as ckpt
-from lmzoo.atomic import atomic_path, clean_stale, remove_tree
-from lmzoo.cli import main as cli_main
+from lmzoo.cli.app import main as cli_main
+from lmzoo.formats import checkpoint as ckpt
+from lmzoo.formats.atomic import atomic_path, clean_stale, remove_tree
 from lmzoo.models.gpt2 import GPT
 from lmzoo.tokenizer import build_tokenizer
 from lmzoo.train import train

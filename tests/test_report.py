@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lmzoo.cli import main
+from lmzoo.cli.app import main
 from lmzoo.errors import DataError
-from lmzoo.report import render
+from lmzoo.evaluation.report import render
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmzoo.scaling import ScalingFit, depth_config, fit_scaling_law, isoflop_grid, isoflop_plan
+from lmzoo.evaluation.scaling import ScalingFit, depth_config, fit_scaling_law, isoflop_grid, isoflop_plan
 
 TRUE = ScalingFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022, eq. 10
 
@@ -64,7 +64,7 @@ def test_lmzoo_scale_runs_a_tiny_sweep_writes_fit_json_and_plot(tmp_path, capsys
     pytest.importorskip("matplotlib")
     import json
 
-    from lmzoo.cli import main
+    from lmzoo.cli.app import main
 
     src, out, plot = _corpus(tmp_path / "words.txt"), tmp_path / "sweep", tmp_path / "fig" / "scale.png"
     rc = main(["scale", "--source", str(src), "--out", str(out), "--depths", "1", "2", "--steps", "3", "6", "12",
@@ -89,7 +89,7 @@ def test_lmzoo_scale_isoflop_budgets_spend_each_budget(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import json
 
-    from lmzoo.cli import main
+    from lmzoo.cli.app import main
 
     out = tmp_path / "iso"
     rc = main(["scale", "--source", str(_corpus(tmp_path / "w.txt")), "--out", str(out), "--depths", "1", "2", "3",
@@ -109,7 +109,7 @@ def test_lmzoo_scale_isoflop_budgets_spend_each_budget(tmp_path, capsys):
     (["--depths", "0", "1", "--steps", "3", "6", "9"], "must be positive"),
 ])
 def test_lmzoo_scale_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, msg):
-    from lmzoo.cli import main
+    from lmzoo.cli.app import main
 
     out = tmp_path / "sweep"
     assert main(["scale", "--source", str(_corpus(tmp_path / "w.txt")), "--out", str(out), *argv]) == 2

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import lmzoo
+from lmzoo.decoding.generate import generate, left_pad
+from lmzoo.decoding.static import _CACHES, _decode_step, generate_static, static_cache
 from lmzoo.errors import ConfigError
-from lmzoo.fast_decode import _CACHES, _decode_step, generate_static, static_cache
-from lmzoo.generate import generate, left_pad
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
 

@@ -71,7 +71,7 @@ def test_checkpoints_are_complete_and_pruned(data_dir, tmp_path):
     assert not list(out.glob(".*tmp"))  # no temporary leftovers
     m = lmzoo.load(out)
     assert m.config.vocab_size == lmzoo.load(out / "best").config.vocab_size
-    assert lmzoo.checkpoint.load_tokenizer_of(out).decode([0, 1]) != ""
+    assert lmzoo.formats.checkpoint.load_tokenizer_of(out).decode([0, 1]) != ""
 
 
 def test_gradient_accumulation_equals_one_large_batch(data_dir, tmp_path):
@@ -230,10 +230,10 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_newest_checkpoint(da
             kills += 1
         p.wait()
         lmzoo.load(out)  # the newest checkpoint always loads
-        state = lmzoo.checkpoint.load_train_state(lmzoo.checkpoint.resolve(out))
+        state = lmzoo.formats.checkpoint.load_train_state(lmzoo.formats.checkpoint.resolve(out))
         assert state["step"] >= 1
     assert kills >= 1
     r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "train_config.json").read_text())["max_steps"] == 40
-    assert lmzoo.checkpoint.load_train_state(lmzoo.checkpoint.resolve(out))["step"] == 40
+    assert lmzoo.formats.checkpoint.load_train_state(lmzoo.formats.checkpoint.resolve(out))["step"] == 40

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmzoo.compare import _train_dicts, compare, load_experiment
 from lmzoo.data import prepare
-from lmzoo.evaluate import evaluate_ids, evaluate_split, sequence_nll
+from lmzoo.evaluation.compare import _train_dicts, compare, load_experiment
+from lmzoo.evaluation.evaluate import evaluate_ids, evaluate_split, sequence_nll
 from lmzoo.models import PRESETS, build_model, preset_config
 from lmzoo.tokenizer import EOT, CharTokenizer
 from lmzoo.train import TrainConfig, Trainer

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import lmzoo
-from lmzoo import checkpoint as ckpt_mod
 from lmzoo.data import prepare
 from lmzoo.errors import CheckpointError, ConfigError, LmzooError
+from lmzoo.formats import checkpoint as ckpt_mod
 from lmzoo.models import FAMILIES, PRESETS, build
 from lmzoo.models.base import LMOutput
 from lmzoo.train import TrainConfig, Trainer
@@ -221,7 +221,7 @@ def test_full_disk_during_checkpoint_write_is_one_clear_line_and_keeps_the_previ
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "ckpt"))) == ["ckpt-00000002"]
     assert lmzoo.load(out) is not None and ckpt_mod.load_train_state(out / "ckpt-00000002")["step"] == 2
 
-    from lmzoo.cli import main  # the same through the CLI: exit 1, one line on stderr
+    from lmzoo.cli.app import main  # the same through the CLI: exit 1, one line on stderr
 
     calls["n"] = 1
     capsys.readouterr()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmzoo.cli import main
+from lmzoo.cli.app import main
 from lmzoo.errors import ConfigError
 from lmzoo.train import TrainConfig, Trainer
 from lmzoo.train import chinchilla as ch

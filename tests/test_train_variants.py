@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import lmzoo
 from lmzoo.errors import CheckpointError, ConfigError
 from lmzoo.layers.bitlinear import BitLinear
-from lmzoo.mtp import MultiTokenLM
+from lmzoo.models.mtp import MultiTokenLM
 from lmzoo.train import TrainConfig, Trainer
 from lmzoo.train.metrics import read_metrics
 from lmzoo.train.variants import check_variants
@@ -118,7 +118,7 @@ def test_cli_bitnet_on_a_model_without_attention_or_mlp_is_one_line_exit_2(data_
 
 
 def test_compare_flops_budget_counts_the_extra_heads(tmp_path):
-    from lmzoo.compare import _train_dicts, load_experiment
+    from lmzoo.evaluation.compare import _train_dicts, load_experiment
 
     (tmp_path / "meta.json").write_text('{"vocab_size": 65}')
     runs = [{"name": "ntp", "model": "gpt2-debug"}, {"name": "mtp4", "model": "gpt2-debug", "multi_token": 4}]

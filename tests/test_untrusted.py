@@ -19,7 +19,7 @@ import torch
 
 import lmzoo
 from lmzoo import memguard
-from lmzoo.cli import main
+from lmzoo.cli.app import main
 from lmzoo.errors import CheckpointError, ConfigError, LmzooError
 from lmzoo.models import build
 from lmzoo.tokenizer import ByteTokenizer, load_tokenizer
@@ -80,7 +80,7 @@ def flip_bit(file: Path, where: str) -> None:
 def test_pickle_payload_in_a_train_state_is_refused_and_never_runs(ckpt, tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"step": 1, "evil": _Payload(str(marker))}, ckpt / "train_state.pt")
-    from lmzoo.checkpoint import load_train_state
+    from lmzoo.formats.checkpoint import load_train_state
 
     with pytest.raises(CheckpointError, match="unreadable train state"):
         load_train_state(ckpt)

@@ -5,7 +5,7 @@
 
 Quantizes one normal weight with both (block 64, no double quantization) in float32, bfloat16 and
 float16, and compares the packed 4-bit indices, the block scales, and the dequantized weights
-(:func:`lmzoo.peft.nf4.compare_with_bitsandbytes`). Without CUDA or bitsandbytes it prints
+(:func:`lmzoo.quant.nf4.compare_with_bitsandbytes`). Without CUDA or bitsandbytes it prints
 ``{"skipped": reason}`` and exits 0.
 """
 
@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from lmzoo.peft.nf4 import compare_with_bitsandbytes
+from lmzoo.quant.nf4 import compare_with_bitsandbytes
 
 
 def main() -> int:

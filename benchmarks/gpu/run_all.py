@@ -40,8 +40,8 @@ sys.path[:0] = [str(ROOT / "src"), str(HERE)]
 import torch  # noqa: E402
 
 from lmzoo import build  # noqa: E402
-from lmzoo.bench import bench_generate, copy_bandwidth, device_info, matmul_tflops, sync, time_train_steps  # noqa: E402
-from lmzoo.generate import generate  # noqa: E402
+from lmzoo.decoding.generate import generate  # noqa: E402
+from lmzoo.evaluation.bench import bench_generate, copy_bandwidth, device_info, matmul_tflops, sync, time_train_steps  # noqa: E402
 from lmzoo.train.mfu import device_peak_flops, mfu  # noqa: E402
 from lmzoo.train.precision import setup_tf32  # noqa: E402
 

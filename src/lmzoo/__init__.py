@@ -14,38 +14,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint import load, save
-from .errors import LmzooError
-from .generate import generate
-from .models import build
+from lmzoo.decoding.generate import generate
+from lmzoo.errors import LmzooError
+from lmzoo.formats.checkpoint import load, save
+from lmzoo.models import build
 
 __version__ = "0.1.0"
 
 
 def from_hf(path, dtype=None, device="cpu", check_memory=True):
     """Load a Hugging Face checkpoint directory (family detected from config.json)."""
-    from .convert import from_hf as _from_hf
+    from lmzoo.formats.hf import from_hf as _from_hf
 
     return _from_hf(path, dtype=dtype, device=device, check_memory=check_memory)
 
 
 def to_hf(model, path, dtype=None):
     """Write ``model`` as a Hugging Face checkpoint directory that ``transformers`` loads."""
-    from .convert import to_hf as _to_hf
+    from lmzoo.formats.hf import to_hf as _to_hf
 
     return _to_hf(model, path, dtype=dtype)
 
 
 def train(cfg=None, **overrides: Any) -> dict[str, Any]:
     """Train with the shared trainer; ``overrides`` are :class:`TrainConfig` fields."""
-    from .train import train as _train
+    from lmzoo.train import train as _train
 
     return _train(cfg, **overrides)
 
 
 def __getattr__(name: str):
     if name in ("TrainConfig", "Trainer"):
-        from . import train as _t
+        from lmzoo import train as _t
 
         return getattr(_t, name)
     raise AttributeError(name)

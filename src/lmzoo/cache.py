@@ -337,7 +337,7 @@ class StaticKVCache:
     ``max_len`` slots with a mask hiding the unwritten ones. A decode step then has the same
     shapes, the same tensors and no Python number that changes from token to token: compiled once
     and captured as a CUDA graph (``torch.compile(mode="reduce-overhead")``), it replays with no
-    host synchronization (lmzoo.fast_decode). Writes are ``index_copy_`` at ``start + arange(T)``;
+    host synchronization (lmzoo.decoding.static). Writes are ``index_copy_`` at ``start + arange(T)``;
     the caller sizes ``max_len`` (an overflow is not checked: that would need a sync per token).
     Same protocol as :class:`KVCache`; ``pos`` reads ``start`` back to the host (a sync: for
     bookkeeping outside the compiled step, never inside it).

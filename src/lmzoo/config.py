@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from .errors import ConfigError, LmzooError, suggest
+from lmzoo.errors import ConfigError, LmzooError, suggest
 
 C = TypeVar("C", bound="Config")
 

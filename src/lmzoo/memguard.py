@@ -36,7 +36,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from .errors import ConfigError
+from lmzoo.common import fmt_bytes
+from lmzoo.errors import ConfigError
 
 ENV = "LMZOO_NO_MEMORY_CHECK"
 _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
@@ -44,14 +45,6 @@ _BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 
 
 class ModelTooLargeError(ConfigError):
     """The model's estimated memory exceeds what the device has available (exit code 2)."""
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1024 or unit == "PB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.3g} PB"
 
 
 def _cgroup_room() -> int | None:
@@ -139,7 +132,7 @@ def generous_params(cfg: Any) -> int:
 
 
 def _count_meta(family: str, cfg: Any) -> int:
-    from .models import build_model
+    from lmzoo.models import build_model
 
     with MetaWithoutInit():
         model = build_model(family, cfg)

@@ -25,8 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from lmzoo.atomic import atomic_write_text
 from lmzoo.errors import CheckpointError, ConfigError, DataError, suggest
+from lmzoo.formats.atomic import atomic_write_text
 
 EOT = "<|endoftext|>"
 CONFIG_NAME = "tokenizer_config.json"

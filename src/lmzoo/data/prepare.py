@@ -24,9 +24,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from lmzoo.atomic import atomic_write_text, fsync_dir
 from lmzoo.data.sources import SAFE_CUT, Source, open_source
 from lmzoo.errors import ConfigError, DataError, suggest
+from lmzoo.formats.atomic import atomic_write_text, fsync_dir
 from lmzoo.tokenizer import EOT, KINDS, Tokenizer, build_tokenizer, load_tokenizer, to_bytes
 
 FORMAT_VERSION = 1

@@ -33,8 +33,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from lmzoo.atomic import atomic_write_bytes
 from lmzoo.errors import DataError, suggest
+from lmzoo.formats.atomic import atomic_write_bytes
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 BUILTINS = ("stdlib", "shakespeare")

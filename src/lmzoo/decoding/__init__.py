@@ -4,14 +4,14 @@
   the rejection-sampling rule keeps the target's distribution exactly, greedy stays greedy.
 - :mod:`.jacobi`: fixed-point iteration over a block of guesses (Santilli et al. 2023) and the CLLM
   consistency loss that makes it converge in fewer iterations (Kou et al. 2024).
-- multi-token prediction heads draft for their own model: :func:`lmzoo.mtp.self_speculative_generate`.
+- multi-token prediction heads draft for their own model: :func:`lmzoo.models.mtp.self_speculative_generate`.
 """
 
 from __future__ import annotations
 
-from .common import DecodeStats
-from .jacobi import JacobiStats, consistency_loss, jacobi_generate
-from .speculative import check_draft, speculative_accept, speculative_generate
+from lmzoo.decoding.common import DecodeStats
+from lmzoo.decoding.jacobi import JacobiStats, consistency_loss, jacobi_generate
+from lmzoo.decoding.speculative import check_draft, speculative_accept, speculative_generate
 
 __all__ = [
     "DecodeStats", "JacobiStats", "check_draft", "consistency_loss", "jacobi_generate", "speculative_accept",

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import KVCache
-from ..errors import ConfigError
-from ..generate import left_pad
+from lmzoo.cache import KVCache
+from lmzoo.decoding.generate import left_pad
+from lmzoo.errors import ConfigError
 
 
 def rollback_cache(model, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
@@ -35,7 +35,7 @@ def check_length(model, needed: int) -> None:
     if limit is not None and needed > limit:
         raise ConfigError(
             f"prompt + new tokens + guesses = {needed} positions exceed the model's {limit}; "
-            "generate fewer tokens or use ordinary decoding (lmzoo.generate), which slides its context"
+            "generate fewer tokens or use ordinary decoding (lmzoo.decoding.generate), which slides its context"
         )
 
 

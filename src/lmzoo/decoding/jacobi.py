@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
+from lmzoo.decoding.common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
+from lmzoo.errors import ConfigError
 
 
 @dataclass

@@ -32,9 +32,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..generate import check_sampling, warp_logits
-from .common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
+from lmzoo.decoding.common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
+from lmzoo.decoding.generate import check_sampling, warp_logits
+from lmzoo.errors import ConfigError
 
 
 def vocab_size(model) -> int:
@@ -57,7 +57,7 @@ def check_draft(target, draft, target_tokenizer=None, draft_tokenizer=None) -> N
             "speculative decoding needs a draft that shares the target's tokenizer"
         )
     if target_tokenizer is not None and draft_tokenizer is not None:
-        from ..train.runtime import same_tokenizer
+        from lmzoo.train.runtime import same_tokenizer
 
         if not same_tokenizer(target_tokenizer, draft_tokenizer):
             raise ConfigError("the draft's tokenizer maps some ids to other tokens than the target's")

@@ -4,9 +4,18 @@ Launch with ``torchrun --nproc_per_node=N -m lmzoo train --parallel.mode=ddp ...
 docs/distributed.md for each mode (ddp, fsdp, tp, pp) and what it shards.
 """
 
-from .engine import TrainerParallel, loader_state, parallelize_for_trainer
-from .parallelize import clip_grad_norm, full_value, gradient_sync, parallelize
-from .runtime import MODES, DistContext, ParallelConfig, check_layout, main_first, reduce_mean, setup, teardown
+from lmzoo.distributed.engine import TrainerParallel, loader_state, parallelize_for_trainer
+from lmzoo.distributed.parallelize import clip_grad_norm, full_value, gradient_sync, parallelize
+from lmzoo.distributed.runtime import (
+    MODES,
+    DistContext,
+    ParallelConfig,
+    check_layout,
+    main_first,
+    reduce_mean,
+    setup,
+    teardown,
+)
 
 __all__ = [
     "MODES", "DistContext", "ParallelConfig", "TrainerParallel", "check_layout", "clip_grad_norm", "full_value",

@@ -26,11 +26,11 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from ..atomic import atomic_write_text
-from ..errors import CheckpointError
-from .checkpoint import load_sharded, save_sharded
-from .parallelize import clip_grad_norm, parallelize, qkv_rank_order
-from .runtime import DistContext, check_layout
+from lmzoo.distributed.checkpoint import load_sharded, save_sharded
+from lmzoo.distributed.parallelize import clip_grad_norm, parallelize, qkv_rank_order
+from lmzoo.distributed.runtime import DistContext, check_layout
+from lmzoo.errors import CheckpointError
+from lmzoo.formats.atomic import atomic_write_text
 
 SHARDS, LAYOUT = "dcp", "layout.json"
 
@@ -48,7 +48,7 @@ class TrainerParallel:
         self.sharded = self.mode in ("fsdp", "tp", "pp")
         self.pipeline = None
         if self.mode == "pp":
-            from .pipeline import Pipeline
+            from lmzoo.distributed.pipeline import Pipeline
 
             self.pipeline = Pipeline(model, ctx)
             self.module, self.opt_module = None, self.pipeline.module
@@ -105,7 +105,7 @@ class TrainerParallel:
                     p.data.copy_(buf)
         if not self.ctx.is_main:
             return None
-        from ..checkpoint import model_state
+        from lmzoo.formats.checkpoint import model_state
 
         return model_state(self.model)
 

@@ -14,10 +14,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .runtime import DistContext
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from lmzoo.common import DTYPES
+from lmzoo.distributed.runtime import DistContext
+from lmzoo.errors import ConfigError
 
 
 def parallelize(model: nn.Module, ctx: DistContext) -> nn.Module:

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError
-from ..layers.attention import window_mask
-from ..models.base import lm_loss
-from .runtime import DistContext
+from lmzoo.distributed.runtime import DistContext
+from lmzoo.errors import ConfigError
+from lmzoo.layers.attention import window_mask
+from lmzoo.models.base import lm_loss
 
 
 class GPTStage(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError, suggest
+from lmzoo.errors import ConfigError, suggest
 
 MODES = ("none", "ddp", "fsdp", "tp", "pp")
 

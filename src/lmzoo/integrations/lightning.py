@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from lmzoo.errors import ConfigError
 
 try:
     import lightning as L
@@ -40,7 +40,7 @@ class _TokenBatches(torch.utils.data.IterableDataset):
         self.args = (data_dir, split, block_size, batch_size, seed)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from ..data import TokenLoader
+        from lmzoo.data import TokenLoader
 
         data_dir, split, block_size, batch_size, seed = self.args
         loader = TokenLoader(data_dir, split, block_size, batch_size, seed=seed)
@@ -89,8 +89,8 @@ class LMModule(_Base):
         return self._step(batch, "val")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from ..train.optim import make_adamw
-        from ..train.schedule import lr_at
+        from lmzoo.train.optimizers import make_adamw
+        from lmzoo.train.schedule import lr_at
 
         opt = make_adamw(self.model, self.lr, self.betas, self.weight_decay, 1e-8, False)
 

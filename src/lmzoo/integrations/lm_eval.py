@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from lmzoo.errors import ConfigError
 
 try:
     from lm_eval.api.model import LM
@@ -41,11 +41,11 @@ class LmzooLM(LM):
             raise ConfigError("the lm-eval adapter needs the harness: pip install lm-eval")
         super().__init__()
         if model is None:
-            from ..cli import _load_any
+            from lmzoo.formats.load import load_any
 
             if checkpoint is None:
                 raise ConfigError("LmzooLM needs checkpoint=DIR or a model and its tokenizer")
-            model, tokenizer = _load_any(checkpoint, device=device)
+            model, tokenizer = load_any(checkpoint, device=device)
         if tokenizer is None:
             raise ConfigError("the lm-eval adapter needs the checkpoint's tokenizer")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -74,7 +74,7 @@ class LmzooLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        from ..evaluate import sequence_nll
+        from lmzoo.evaluation.evaluate import sequence_nll
 
         out = []
         for req in requests:
@@ -83,7 +83,7 @@ class LmzooLM(LM):
         return out
 
     def generate_until(self, requests) -> list[str]:
-        from ..chat import stream_text
+        from lmzoo.serving.chat import stream_text
 
         out = []
         for req in requests:

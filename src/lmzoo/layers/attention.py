@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rope import apply_rope
+from lmzoo.layers.rope import apply_rope
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

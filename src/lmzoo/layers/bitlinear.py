@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norm import RMSNorm
+from lmzoo.layers.norm import RMSNorm
 
 Variant = Literal["b1", "b1.58"]
 VARIANTS: tuple[str, ...] = ("b1", "b1.58")
@@ -76,6 +76,8 @@ class BitLinear(nn.Module):
     With gradients enabled the forward is the STE form; without (inference) it is the integer form,
     identical to :class:`PackedBitLinear`.
     """
+
+    rewrite = "bitnet"  # what stands in a Linear's place (formats.hf.check_exportable reads it)
 
     def __init__(
         self,
@@ -176,6 +178,8 @@ class PackedBitLinear(nn.Module):
     x (..., in_features) -> (..., out_features), equal to :class:`BitLinear` in inference.
     Buffers: ``packed`` uint8 (out, ceil(in / 4)), ``weight_scale`` float32 ().
     """
+
+    rewrite = "bitnet"  # what stands in a Linear's place
 
     def __init__(
         self,

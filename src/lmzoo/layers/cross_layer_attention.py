@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import attend, repeat_kv
-from .rope import apply_rope
+from lmzoo.layers.attention import attend, repeat_kv
+from lmzoo.layers.rope import apply_rope
 
 
 def kv_groups(n_layer: int, share_every: int) -> int:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, repeat_kv
-from .rope import apply_rope
+from lmzoo.layers.attention import attend, repeat_kv
+from lmzoo.layers.rope import apply_rope
 
 EPS = 1e-6
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kan import KANFeedForward, kan_hidden  # noqa: F401 - kan_hidden: the default width of mlp="kan"
+from lmzoo.layers.kan import KANFeedForward, kan_hidden  # noqa: F401 - kan_hidden: the default width of mlp="kan"
 
 
 class MLP(nn.Module):

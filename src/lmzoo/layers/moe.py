@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mlp import make_mlp
+from lmzoo.layers.mlp import make_mlp
 
 
 class RouterStats(NamedTuple):

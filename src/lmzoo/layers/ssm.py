@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norm import RMSNorm
+from lmzoo.layers.norm import RMSNorm
 
 try:  # optional: the fused CUDA kernel from the authors' package
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan

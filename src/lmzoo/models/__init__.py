@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import Config
-from ..errors import ConfigError, suggest
-from . import gpt2, jamba, llama, mamba, transformer_xl
-from .base import LanguageModel, LMOutput
+from lmzoo.config import Config
+from lmzoo.errors import ConfigError, suggest
+from lmzoo.models import gpt2, jamba, llama, mamba, transformer_xl
+from lmzoo.models.base import LanguageModel, LMOutput
 
 # family name -> model class (which carries ``config_class``); presets name -> (family, settings)
 FAMILIES: dict[str, type[LanguageModel]] = {

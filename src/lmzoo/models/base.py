@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from lmzoo.config import Config
 
 
 class LMOutput(NamedTuple):

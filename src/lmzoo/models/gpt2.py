@@ -28,20 +28,20 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..cache import KVCache, position_bound
-from ..config import Config
-from ..errors import ConfigError
-from ..layers.alibi import alibi_bias, alibi_slopes
-from ..layers.attention import CausalSelfAttention
-from ..layers.chunked_ce import linear_cross_entropy
-from ..layers.cross_layer_attention import CrossLayerAttention, kv_groups
-from ..layers.infini_attention import InfiniAttention, InfiniCache
-from ..layers.linear_attention import LinearAttentionState, LinearSelfAttention
-from ..layers.mlp import kan_hidden, make_mlp, swiglu_hidden
-from ..layers.moe import MoE, add_router_losses, combine_router_stats
-from ..layers.norm import make_norm
-from ..layers.rope import RotaryEmbedding
-from .base import LanguageModel, LMOutput, lm_loss
+from lmzoo.cache import KVCache, position_bound
+from lmzoo.config import Config
+from lmzoo.errors import ConfigError
+from lmzoo.layers.alibi import alibi_bias, alibi_slopes
+from lmzoo.layers.attention import CausalSelfAttention
+from lmzoo.layers.chunked_ce import linear_cross_entropy
+from lmzoo.layers.cross_layer_attention import CrossLayerAttention, kv_groups
+from lmzoo.layers.infini_attention import InfiniAttention, InfiniCache
+from lmzoo.layers.linear_attention import LinearAttentionState, LinearSelfAttention
+from lmzoo.layers.mlp import kan_hidden, make_mlp, swiglu_hidden
+from lmzoo.layers.moe import MoE, add_router_losses, combine_router_stats
+from lmzoo.layers.norm import make_norm
+from lmzoo.layers.rope import RotaryEmbedding
+from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
 
 
 @dataclasses.dataclass

@@ -34,15 +34,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..cache import HybridCache, KVCache, MambaCache
-from ..config import Config
-from ..errors import ConfigError
-from ..layers.attention import CausalSelfAttention
-from ..layers.mlp import SwiGLU
-from ..layers.moe import MoE, RouterStats, add_router_losses, combine_router_stats
-from ..layers.norm import RMSNorm
-from ..layers.ssm import SelectiveSSM
-from .base import LanguageModel, LMOutput, lm_loss
+from lmzoo.cache import HybridCache, KVCache, MambaCache
+from lmzoo.config import Config
+from lmzoo.errors import ConfigError
+from lmzoo.layers.attention import CausalSelfAttention
+from lmzoo.layers.mlp import SwiGLU
+from lmzoo.layers.moe import MoE, RouterStats, add_router_losses, combine_router_stats
+from lmzoo.layers.norm import RMSNorm
+from lmzoo.layers.ssm import SelectiveSSM
+from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
 
 
 @dataclasses.dataclass

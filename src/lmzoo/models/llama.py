@@ -33,16 +33,16 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..cache import KVCache, RollingKVCache, position_bound
-from ..config import Config
-from ..errors import ConfigError
-from ..layers.attention import CausalSelfAttention, layer_windows, window_mask
-from ..layers.infini_attention import InfiniAttention, InfiniCache
-from ..layers.mlp import SwiGLU, swiglu_hidden
-from ..layers.moe import MoE, RouterStats, add_router_losses, combine_router_stats
-from ..layers.norm import RMSNorm
-from ..layers.rope import ScaledRotaryEmbedding
-from .base import LanguageModel, LMOutput, lm_loss
+from lmzoo.cache import KVCache, RollingKVCache, position_bound
+from lmzoo.config import Config
+from lmzoo.errors import ConfigError
+from lmzoo.layers.attention import CausalSelfAttention, layer_windows, window_mask
+from lmzoo.layers.infini_attention import InfiniAttention, InfiniCache
+from lmzoo.layers.mlp import SwiGLU, swiglu_hidden
+from lmzoo.layers.moe import MoE, RouterStats, add_router_losses, combine_router_stats
+from lmzoo.layers.norm import RMSNorm
+from lmzoo.layers.rope import ScaledRotaryEmbedding
+from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
 
 
 @dataclasses.dataclass
@@ -72,7 +72,7 @@ class LlamaConfig(Config):
     moe_aux_weight: float = 0.02  # weight of the load-balancing loss (Mixtral's router_aux_loss_coef)
     moe_z_weight: float = 0.0  # weight of the router z-loss (ST-MoE uses 0.001)
     # "infini": softmax attention inside segments + a compressive memory across them (layers/infini_attention.py;
-    # lmzoo.convert.infini.to_infini turns a pretrained model into one)
+    # lmzoo.models.infini.to_infini turns a pretrained model into one)
     attention: Literal["softmax", "infini"] = "softmax"
     infini_segment: int = 2048
     infini_delta_rule: bool = False

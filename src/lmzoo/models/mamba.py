@@ -25,12 +25,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..cache import MambaCache
-from ..config import Config
-from ..errors import ConfigError
-from ..layers.norm import RMSNorm
-from ..layers.ssm import SelectiveSSM
-from .base import LanguageModel, LMOutput, lm_loss
+from lmzoo.cache import MambaCache
+from lmzoo.config import Config
+from lmzoo.errors import ConfigError
+from lmzoo.layers.norm import RMSNorm
+from lmzoo.layers.ssm import SelectiveSSM
+from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
 
 
 @dataclasses.dataclass

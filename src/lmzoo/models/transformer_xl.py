@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
-from ..errors import ConfigError
-from ..layers.attention import attend
-from ..layers.norm import LayerNorm
-from .base import LanguageModel, LMOutput, lm_loss
+from lmzoo.config import Config
+from lmzoo.errors import ConfigError
+from lmzoo.layers.attention import attend
+from lmzoo.layers.norm import LayerNorm
+from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
 
 
 @dataclasses.dataclass

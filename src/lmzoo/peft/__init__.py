@@ -2,7 +2,7 @@
 
 - :mod:`lmzoo.peft.lora`: LoRA adapters injected by module-name pattern; merge/unmerge; save/load;
   export to Hugging Face ``peft``'s adapter format.
-- :mod:`lmzoo.peft.nf4` / :mod:`lmzoo.peft.qlora`: 4-bit NormalFloat weights with double quantization,
+- :mod:`lmzoo.quant.nf4` / :mod:`lmzoo.peft.qlora`: 4-bit NormalFloat weights with double quantization,
   LoRA on top (QLoRA).
 - :mod:`lmzoo.peft.instruct`: instruction tuning (prompt/response and chat JSONL, response-only loss, packing).
 - :mod:`lmzoo.peft.distill`: knowledge distillation (Hinton et al. 2015; Kim & Rush 2016).
@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from .lora import (
+from lmzoo.peft.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
@@ -23,7 +23,7 @@ from .lora import (
     trainable_params,
     unmerge_lora,
 )
-from .qlora import apply_qlora, memory_report, quantize_model
+from lmzoo.peft.qlora import apply_qlora, memory_report, quantize_model
 
 __all__ = [
     "LoRAConfig",

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError
+from lmzoo.errors import ConfigError
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -101,7 +101,7 @@ def load_teacher_topk(path: str | Path) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def teacher_sequences(teacher, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Sequence-level KD data (Kim & Rush): prompt + the teacher's greedy continuation, per prompt."""
-    from ..generate import generate
+    from lmzoo.decoding.generate import generate
 
     teacher.eval()
     outs = generate(teacher, prompts, max_new_tokens, temperature=0)
@@ -131,8 +131,8 @@ class DistillLoss:
             p.requires_grad_(False)
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, cache=None):
-        from ..layers.moe import add_router_losses
-        from ..models.base import LMOutput
+        from lmzoo.layers.moe import add_router_losses
+        from lmzoo.models.base import LMOutput
 
         out = model(x, cache=cache)  # no targets: the full logits (a model may chunk its own CE)
         if next(self.teacher.parameters()).device != x.device:

@@ -27,34 +27,15 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import ConfigError, LmzooError
-from .distill import DistillLoss
-from .lora import LoRAConfig, apply_lora, load_adapter, save_adapter, trainable_params
-from .qlora import quantize_model
-
-
-def load_base(path: str | Path, device: str = "cpu"):
-    """``(model, tokenizer or None)`` from an lmzoo checkpoint/run directory or an HF directory."""
-    from .. import checkpoint as ckpt
-
-    p = Path(path)
-    cfg_file = p / "config.json"
-    if cfg_file.is_file() and '"family"' not in cfg_file.read_text(errors="replace"):
-        from ..convert import from_hf
-        from ..tokenizer import load_tokenizer
-
-        model = from_hf(p, device=device)
-        try:
-            tok = load_tokenizer(p)
-        except LmzooError:
-            tok = None
-        return model, tok
-    return ckpt.load(p, device=device), ckpt.load_tokenizer_of(p)
+from lmzoo.errors import ConfigError
+from lmzoo.peft.distill import DistillLoss
+from lmzoo.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter, trainable_params
+from lmzoo.peft.qlora import quantize_model
 
 
 def _tokenizer_named(name: str):
     """The instruction tokenizer when the base has none saved: ``byte`` or a tokenizer directory."""
-    from ..tokenizer import ByteTokenizer, load_tokenizer
+    from lmzoo.tokenizer import ByteTokenizer, load_tokenizer
 
     if name == "byte":
         return ByteTokenizer()
@@ -70,8 +51,8 @@ def _check_data_tokenizer(trainer, tok, name: str) -> None:
     """ConfigError when the prepared corpus was tokenized otherwise than the model (or teacher) expects."""
     if tok is None or trainer.data_dir is None:
         return
-    from ..tokenizer import load_tokenizer
-    from ..train.runtime import same_tokenizer
+    from lmzoo.tokenizer import load_tokenizer
+    from lmzoo.train.runtime import same_tokenizer
 
     if not same_tokenizer(load_tokenizer(trainer.data_dir / "tokenizer"), tok):
         raise ConfigError(
@@ -109,10 +90,12 @@ def finetune(
     fields (data source, tokenizer, max_steps, lr, out_dir, resume...). The data must use the base model's
     (and the teacher's) tokenizer.
     """
-    from ..models import PRESETS, build
-    from ..train import TrainConfig, Trainer
-    from ..train.trainer import resolve_device, seed_everything
-    from .instruct import instruct_loaders
+    from lmzoo.common import resolve_device
+    from lmzoo.formats.load import load_any
+    from lmzoo.models import PRESETS, build
+    from lmzoo.peft.instruct import instruct_loaders
+    from lmzoo.train import TrainConfig, Trainer
+    from lmzoo.train.trainer import seed_everything
 
     if not instruct and (instruct_val or not packing):
         raise ConfigError("instruct_val / packing=False (--instruct-val / --no-packing) need instruction data "
@@ -125,7 +108,7 @@ def finetune(
         raise ConfigError(f"{base} is a preset: a fresh model trains fully (method full, no adapter)")
     # a directory's model replaces the preset (model= below); a preset base is the preset trained
     cfg = TrainConfig.from_dict({"model": "gpt2-debug", **train_overrides, **({"model": str(base)} if fresh else {})})
-    t_model, tok = load_base(teacher) if teacher else (None, None)
+    t_model, tok = load_any(teacher) if teacher else (None, None)
     if fresh and t_model is None and not instruct:  # plain training of a preset: the trainer builds it
         if freeze:
             raise ConfigError("freeze= needs a base checkpoint or a teacher/instruction data")
@@ -138,7 +121,7 @@ def finetune(
         seed_everything(cfg.seed)  # the same initial weights as `lmzoo train` of this preset and seed
         model = build(str(base), **args)
     else:
-        model, base_tok = load_base(base)
+        model, base_tok = load_any(base)
         tok = base_tok or tok or (_tokenizer_named(cfg.tokenizer) if instruct else None)
     loss_fn = DistillLoss(t_model, kd_alpha, temperature, student=model) if t_model is not None else None
     model.train()

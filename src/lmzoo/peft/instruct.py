@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from ..errors import DataError
-from ..tokenizer import EOT
+from lmzoo.errors import DataError
+from lmzoo.tokenizer import EOT
 
 Message = dict[str, str]
 
@@ -144,7 +144,7 @@ def make_task(kind: str, n: int, seed: int = 0, length: int = 4) -> list[list[Me
 def exact_match(model, tok, chats: Sequence[Sequence[Message]], max_new_tokens: int = 8) -> float:
     """Fraction of chats whose last assistant turn the model reproduces exactly (greedy decoding,
     stopping at the end token) given everything before it."""
-    from ..generate import generate
+    from lmzoo.decoding.generate import generate
 
     was_training = model.training
     model.eval()

@@ -11,7 +11,7 @@ train: for a (C, C) matrix that is ``2 r C`` numbers instead of ``C^2``. ``alpha
 update's scale independent of the rank, so changing r needs no new learning rate.
 
 How it is applied: :func:`apply_lora` rewrites the model *from outside*: every ``nn.Linear`` (or
-:class:`lmzoo.peft.nf4.NF4Linear`) whose module name matches a regular expression is replaced by a
+:class:`lmzoo.quant.nf4.NF4Linear`) whose module name matches a regular expression is replaced by a
 :class:`LoRALinear` that holds the original as ``.base``. No model class is subclassed, so any family
 (GPT-2, Llama, Mamba...) takes adapters by name: ``"attn.qkv|attn.proj|mlp.*"``.
 
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import atomic_path
-from ..config import read_json
-from ..errors import CheckpointError, ConfigError
-from ..quant import check_module_list
+from lmzoo.config import read_json
+from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.formats.atomic import atomic_path
+from lmzoo.quant import check_module_list
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -73,6 +73,8 @@ class LoRALinear(nn.Module):
     ``(..., in) -> (..., out)`` (e.g. the NF4-quantized :class:`NF4Linear` of QLoRA).
     Input ``(..., in)``, output ``(..., out)``.
     """
+
+    rewrite = "lora"  # what stands in a Linear's place (formats.hf.check_exportable reads it)
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -137,7 +139,7 @@ class LoRALinear(nn.Module):
 
 
 def _adaptable(m: nn.Module) -> bool:
-    from .nf4 import NF4Linear
+    from lmzoo.quant.nf4 import NF4Linear
 
     return isinstance(m, (nn.Linear, NF4Linear)) and not isinstance(m, LoRALinear)
 
@@ -222,7 +224,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def export_merged_hf(model: nn.Module, path: str | Path, dtype: torch.dtype | str | None = None) -> Path:
     """Write the merged model as a Hugging Face checkpoint (the original ``model`` is untouched)."""
-    from ..convert import to_hf
+    from lmzoo.formats.hf import to_hf
 
     merged = merge_lora(copy.deepcopy(model), unwrap=True)
     return to_hf(merged, path, dtype=dtype)
@@ -442,7 +444,7 @@ def export_peft(model: nn.Module, path: str | Path) -> Path:
     BitNet layers, a config HF lacks), and adapters peft would apply wrongly or not at all on the HF
     model (:data:`PEFT_REFUSED`: Mamba/Jamba ``dt_proj``, Mamba ``out_proj``, Jamba's router and experts).
     """
-    from ..convert import _converter_for_family, check_exportable
+    from lmzoo.formats.hf import _converter_for_family, check_exportable
 
     if not getattr(model, "lora", None):
         raise ConfigError("the model has no LoRA adapters to export")

@@ -2,7 +2,7 @@
 
     report = apply_qlora(model, target="attn.qkv|attn.proj|mlp.*", r=8)   # quantize, then inject LoRA
 
-:func:`quantize_model` replaces linear layers by :class:`~lmzoo.peft.nf4.NF4Linear` (4-bit weights,
+:func:`quantize_model` replaces linear layers by :class:`~lmzoo.quant.nf4.NF4Linear` (4-bit weights,
 dequantized on the fly), from outside the model; :func:`apply_qlora` then wraps the chosen ones in
 :class:`~lmzoo.peft.lora.LoRALinear` whose A and B are float32 and the only trainable parameters. Gradients
 flow *through* the dequantized weight to the input but never into it. Embeddings, norms and a tied
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..quant import check_linear_names
-from .lora import LoRAConfig, LoRALinear, _set_module, apply_lora
-from .nf4 import NF4Linear
+from lmzoo.errors import ConfigError
+from lmzoo.peft.lora import LoRAConfig, LoRALinear, _set_module, apply_lora
+from lmzoo.quant import check_linear_names
+from lmzoo.quant.nf4 import NF4Linear
 
 DEFAULT_QUANT_TARGET = r"^(?!lm_head$).*"  # every linear layer except the output head
 

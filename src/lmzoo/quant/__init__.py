@@ -10,7 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from lmzoo.common import fmt_bytes
+from lmzoo.errors import CheckpointError, ConfigError
 
 
 def apply_spec(model: nn.Module, spec: Any) -> nn.Module:
@@ -21,7 +22,7 @@ def apply_spec(model: nn.Module, spec: Any) -> nn.Module:
     if not isinstance(spec, dict):
         raise ConfigError(f"expected a mapping with a 'method', got {spec!r}")
     if spec.get("method") == "bitnet":
-        from . import bitnet
+        from lmzoo.quant import bitnet
 
         return bitnet.apply_spec(model, spec)
     raise CheckpointError(f"unknown quantization method {spec.get('method')!r} in the checkpoint")
@@ -53,22 +54,16 @@ def memory_lines(model: nn.Module) -> list[str]:
     spec = getattr(model, "quantization", None)
     if not spec or spec.get("method") != "bitnet":
         return []
-    from . import bitnet
+    from lmzoo.quant import bitnet
 
     r = bitnet.memory_report(model)
     return [
         f"  quantization         BitNet {spec['variant']} on {r['layers']} layers ({r['weights']:,} weights)"
         + (", packed 2-bit" if spec.get("packed") else ""),
-        f"  replaced weights     bf16 {_fmt(r['bf16_bytes'])} -> 2-bit {_fmt(r['packed_bytes'])} "
+        f"  replaced weights     bf16 {fmt_bytes(r['bf16_bytes'])} -> 2-bit {fmt_bytes(r['packed_bytes'])} "
         f"({r['ratio']:.3f} of bf16)",
-        f"  model weights        bf16 {_fmt(r['model_bf16_bytes'])} -> {_fmt(r['model_packed_bytes'])} packed "
-        f"(saves {_fmt(r['saved_bytes'])})",
+        f"  model weights        bf16 {fmt_bytes(r['model_bf16_bytes'])} -> "
+        f"{fmt_bytes(r['model_packed_bytes'])} packed "
+        f"(saves {fmt_bytes(r['saved_bytes'])})",
     ]
 
-
-def _fmt(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"

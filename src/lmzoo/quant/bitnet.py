@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..layers.bitlinear import VARIANTS, BitLinear, PackedBitLinear, Variant, packed_weight_bytes
-from . import check_linear_names
+from lmzoo.errors import ConfigError
+from lmzoo.layers.bitlinear import VARIANTS, BitLinear, PackedBitLinear, Variant, packed_weight_bytes
+from lmzoo.quant import check_linear_names
 
 DEFAULT_TARGETS = ("*attn.*", "*mlp.*")  # attention and feed-forward projections (MoE experts included)
 DEFAULT_EXCLUDE = ("*router",)

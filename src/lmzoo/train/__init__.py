@@ -3,8 +3,8 @@
 import sys
 import types
 
-from .config import TrainConfig
-from .trainer import Trainer, train
+from lmzoo.train.config import TrainConfig
+from lmzoo.train.trainer import Trainer, train
 
 __all__ = ["TrainConfig", "Trainer", "train"]
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import ConfigError
+from lmzoo.errors import ConfigError
 
 
 def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:

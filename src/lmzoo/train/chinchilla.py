@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from lmzoo.errors import ConfigError
 
 TOKENS_PER_PARAM = 20.0
 # Approach 3's fitted parametric loss (Hoffmann et al. 2022, eq. 10).

@@ -10,8 +10,8 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from ..config import Config
-from ..errors import ConfigError
+from lmzoo.config import Config
+from lmzoo.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -47,7 +47,7 @@ class TrainConfig(Config):
     batch_ramp_steps: int = 0  # grow micro-batches per step linearly over this many steps (0: off)
     batch_ramp_start: int = 1  # micro-batches per step at step 0 of the ramp
     max_steps: int = 2000
-    # [issue 9] random: each rank draws its own windows; sequential: consecutive windows split across ranks, so N
+    # random: each rank draws its own windows; sequential: consecutive windows split across ranks, so N
     # data-parallel ranks read exactly the rows one process would (the same run at any world size)
     data_order: Literal["random", "sequential"] = "random"
     # segment-level recurrence (Transformer-XL, docs/transformer-xl.md): each row reads a continuous stream
@@ -72,7 +72,7 @@ class TrainConfig(Config):
     beta2: float = 0.99
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clip; 0 disables
-    # [issue 9] optimizer choice and torch.distributed layout (train/optimizers.py, distributed/)
+    # optimizer choice and torch.distributed layout (train/optimizers.py, distributed/)
     optimizer: Literal["adamw", "muon", "ademamix"] = "adamw"  # docs/muon.md
     optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"scaling": "modded"}
     parallel: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"mode": "ddp"|"fsdp"|"tp"|"pp", ...}
@@ -202,7 +202,7 @@ def split_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """Fold ``model.X=...`` overrides into ``model_args``; other keys stay as TrainConfig fields."""
     out: dict[str, Any] = {}
     model_args: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {}  # [issue 9] --parallel.mode=ddp, --optimizer_args.scaling=modded
+    nested: dict[str, dict[str, Any]] = {}  # --parallel.mode=ddp, --optimizer_args.scaling=modded
     for k, v in overrides.items():
         if k.startswith("model."):
             model_args[k[len("model.") :]] = v

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from lmzoo.errors import ConfigError
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float]:

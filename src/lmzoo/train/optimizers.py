@@ -25,6 +25,7 @@ early training.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -32,11 +33,51 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, suggest
-from .muon import SCALINGS, Muon, muon_param_groups
-from .optim import make_adamw, param_groups
+from lmzoo.errors import ConfigError, suggest
+from lmzoo.train.muon import SCALINGS, Muon, muon_param_groups
 
 OPTIMIZERS = ("adamw", "muon", "ademamix")
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Two AdamW groups: decayed matrices, and the rest (biases, norms, embeddings)."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = id(p) in embedding_params
+        if p.dim() >= 2 and (decay_embeddings or not is_embedding):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_adamw(
+    model: nn.Module,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float = 1e-8,
+    decay_embeddings: bool = False,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; the fused kernel where the device has one (CUDA)."""
+    groups = param_groups(model, weight_decay, decay_embeddings)
+    kwargs = {}
+    device = next(model.parameters()).device
+    if fused is None:
+        fused = device.type == "cuda"
+    if fused and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        kwargs["fused"] = True
+    elif device.type == "cpu":
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
 
 class AdEMAMix(torch.optim.Optimizer):
@@ -111,7 +152,7 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     """Build the optimizer ``name`` over ``model``'s parameter groups; ``args``: its extra settings.
 
-    - adamw: :func:`lmzoo.train.optim.make_adamw` (no extra args).
+    - adamw: :func:`make_adamw` (no extra args).
     - muon: hidden matrices with Muon, the rest AdamW (:mod:`lmzoo.train.muon`); args
       ``momentum`` (0.95), ``nesterov`` (true), ``ns_steps`` (5), ``scaling`` (moonlight | modded |
       none), ``lr_mult`` (1.0; the Muon group's lr relative to the shared schedule), ``ns_dtype``

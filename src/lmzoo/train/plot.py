@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError
-from .metrics import read_metrics
+from lmzoo.errors import ConfigError
+from lmzoo.train.metrics import read_metrics
 
 X_AXES = ("step", "tokens", "time")
 

@@ -25,17 +25,6 @@ import types
 import torch
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype: ``auto`` is bf16 on GPUs that support it, else float32."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return DTYPES[name]
-
 
 def autocast(device: torch.device, dtype: torch.dtype):
     """The autocast context for ``dtype`` on ``device`` (a no-op context for float32)."""

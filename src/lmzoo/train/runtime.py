@@ -13,24 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-from .config import TrainConfig
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: unknown device {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but no CUDA GPU is available")
-    return dev
+from lmzoo.train.config import TrainConfig
 
 
 def default_data_dir(cfg: TrainConfig) -> Path:

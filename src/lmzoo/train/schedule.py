@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import ConfigError
+from lmzoo.errors import ConfigError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 

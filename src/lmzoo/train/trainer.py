@@ -24,30 +24,30 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint as ckpt
-from .. import distributed as dist
-from ..atomic import atomic_write_text, clean_stale, remove_tree
-from ..errors import CheckpointError, ConfigError, DataError, LmzooError, ResourceError
-from ..layers.moe import loggable
-from ..memguard import check_fits
-from ..models import PRESETS, build_model, config_to_dict, preset_config
-from .activation_checkpointing import apply_activation_checkpointing
-from .config import TrainConfig, accumulation_steps, grad_accum_at
-from .loggers import Loggers, TensorBoardLogger, WandbLogger, system_metrics
-from .metrics import MetricsLogger
-from .mfu import device_peak_flops, mfu, train_flops_per_token
-from .optimizers import make_optimizer
-from .precision import DTYPES, apply_precision, autocast, resolve_dtype, setup_tf32
-from .runtime import (  # noqa: F401 - re-exported: lmzoo.train.trainer.resolve_device is public
+from lmzoo import distributed as dist
+from lmzoo.common import DTYPES, resolve_device, resolve_dtype
+from lmzoo.errors import CheckpointError, ConfigError, DataError, LmzooError, ResourceError
+from lmzoo.formats import checkpoint as ckpt
+from lmzoo.formats.atomic import atomic_write_text, clean_stale, remove_tree
+from lmzoo.layers.moe import loggable
+from lmzoo.memguard import check_fits
+from lmzoo.models import PRESETS, build_model, config_to_dict, preset_config
+from lmzoo.train.activation_checkpointing import apply_activation_checkpointing
+from lmzoo.train.config import TrainConfig, accumulation_steps, grad_accum_at
+from lmzoo.train.loggers import Loggers, TensorBoardLogger, WandbLogger, system_metrics
+from lmzoo.train.metrics import MetricsLogger
+from lmzoo.train.mfu import device_peak_flops, mfu, train_flops_per_token
+from lmzoo.train.optimizers import make_optimizer
+from lmzoo.train.precision import apply_precision, autocast, setup_tf32
+from lmzoo.train.runtime import (
     default_data_dir,
-    resolve_device,
     rng_state,
     same_tokenizer,
     seed_everything,
     set_rng_state,
 )
-from .schedule import lr_at
-from .variants import apply_variants, check_variants, saved_variants, variants_of
+from lmzoo.train.schedule import lr_at
+from lmzoo.train.variants import apply_variants, check_variants, saved_variants, variants_of
 
 
 class Trainer:
@@ -62,8 +62,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, data=None, loss_fn=None):
-        from ..data import TokenLoader, load_meta, prepare
-        from ..tokenizer import load_tokenizer
+        from lmzoo.data import TokenLoader, load_meta, prepare
+        from lmzoo.tokenizer import load_tokenizer
 
         self.cfg = cfg
         if cfg.threads:
@@ -75,16 +75,16 @@ class Trainer:
         setup_tf32(self.device, cfg.tf32)
         self.out_dir = Path(cfg.out_dir)
         self.run_name = cfg.run_name or self.out_dir.resolve().name
-        # [issue 9] torchrun: check the layout, join the process group (docs/distributed.md)
+        # torchrun: check the layout, join the process group (docs/distributed.md)
         self.dist = dist.setup(cfg.parallel, cfg.batch_size, cfg.global_batch, device_type=self.device.type)
         self.grad_accum = cfg.grad_accum
         if cfg.global_batch:
-            self.grad_accum = accumulation_steps(cfg.global_batch, cfg.batch_size, self.dist.dp_size)  # [issue 9]
+            self.grad_accum = accumulation_steps(cfg.global_batch, cfg.batch_size, self.dist.dp_size)
 
         if model is None:  # check the model settings before any (possibly long) data preparation
             mcfg0 = preset_config(cfg.model, **cfg.model_args)
             check_variants(cfg.multi_token, cfg.bitnet, cfg.parallel, PRESETS[cfg.model][0], mcfg0)
-            # [issue 12] refuse a model whose weights + grads + AdamW state cannot fit (lmzoo.memguard)
+            # refuse a model whose weights + grads + AdamW state cannot fit (lmzoo.memguard)
             check_fits(PRESETS[cfg.model][0], mcfg0, self.device, self.param_dtype, training=True,
                        where=f"model {cfg.model}", check=cfg.memory_check)
         if data is not None and (model is None or tokenizer is None):
@@ -92,7 +92,7 @@ class Trainer:
         self.loss_fn = loss_fn
         # -- data ---------------------------------------------------------------------------
         self.data_dir = None if data is not None else Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
-        with dist.main_first(self.dist):  # [issue 9] rank 0 prepares, the others wait
+        with dist.main_first(self.dist):  # rank 0 prepares, the others wait
             if data is None and not (self.data_dir / "meta.json").is_file():
                 print(f"preparing {cfg.source!r} with the {cfg.tokenizer} tokenizer into {self.data_dir}")
                 prepare(
@@ -126,12 +126,12 @@ class Trainer:
                 mode = "stream" if cfg.recurrence else cfg.data_order
                 self.train_loader = TokenLoader(
                     self.data_dir, "train", self.block_size, cfg.batch_size, seed=cfg.seed, device=self.device,
-                    mode=mode, rank=self.dist.dp_rank, world_size=self.dist.dp_size,  # [issue 9] own windows
-                    prefetch=self.device.type == "cuda",  # [issue 11] read batch s+1 while the GPU runs s
+                    mode=mode, rank=self.dist.dp_rank, world_size=self.dist.dp_size,  # own windows
+                    prefetch=self.device.type == "cuda",  # read batch s+1 while the GPU runs s
                 )
                 self.val_loader = TokenLoader(
                     self.data_dir, "val", self.block_size, cfg.batch_size, seed=cfg.seed + 1, device=self.device,
-                    mode=mode, rank=self.dist.dp_rank, world_size=self.dist.dp_size,  # [issue 9]
+                    mode=mode, rank=self.dist.dp_rank, world_size=self.dist.dp_size,
                 )
             except DataError as e:
                 raise DataError(f"{e} (block_size {self.block_size} is larger than the data allows)") from None
@@ -145,11 +145,11 @@ class Trainer:
             apply_precision(self.model, self.param_dtype, cfg.fp32_norms)
         if cfg.grad_checkpointing:
             apply_activation_checkpointing(self.model)
-        # [issue 9] ddp / fsdp / tp / pp from outside (distributed/engine.py); self.model keeps its names.
+        # ddp / fsdp / tp / pp from outside (distributed/engine.py); self.model keeps its names.
         # train_model: what a step calls (None under pp: self.par.pipeline runs the stages)
         self.par = dist.parallelize_for_trainer(self.model, self.dist, cfg.batch_size, cfg.global_batch)
         self.train_model = self.par.module
-        self.optimizer = make_optimizer(  # [issue 9] adamw | muon | ademamix (train/optimizers.py)
+        self.optimizer = make_optimizer(  # adamw | muon | ademamix (train/optimizers.py)
             cfg.optimizer, self.par.opt_module, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.eps,
             cfg.decay_embeddings, cfg.optimizer_args,
         )
@@ -209,10 +209,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write ckpt-<step> atomically, point LATEST at it, then prune old ones."""
         name = f"ckpt-{self.step:08d}"
-        # [issue 9] fsdp/tp/pp: every rank writes its shards (dcp/) and helps gather the whole weights
+        # fsdp/tp/pp: every rank writes its shards (dcp/) and helps gather the whole weights
         shards = self.par.save_shards(self.out_dir / f"{name}.dcp", self.optimizer)
         weights = self.par.full_state()
-        if not self.dist.is_main:  # [issue 9] DDP: replicas are identical, rank 0 writes
+        if not self.dist.is_main:  # DDP: replicas are identical, rank 0 writes
             return self.out_dir / name
 
         def write() -> None:
@@ -232,8 +232,8 @@ class Trainer:
         return self.out_dir / name
 
     def _save_best(self) -> None:
-        weights = self.par.full_state()  # [issue 9] fsdp/tp/pp: every rank takes part in the gather
-        if not self.dist.is_main:  # [issue 9]
+        weights = self.par.full_state()  # fsdp/tp/pp: every rank takes part in the gather
+        if not self.dist.is_main:
             return
         def write() -> None:
             extra = {"step": self.step}
@@ -261,7 +261,7 @@ class Trainer:
                 "(same vocabulary size, different tokens)"
             )
         st = ckpt.load_train_state(d)
-        if (d / "dcp").is_dir():  # [issue 9] sharded weights + optimizer state, read into this run's layout
+        if (d / "dcp").is_dir():  # sharded weights + optimizer state, read into this run's layout
             self.par.load_shards(d / "dcp", self.optimizer)
         elif self.par.sharded:
             raise CheckpointError(f"cannot resume parallel.mode={self.par.mode} from {d}: it has no sharded dcp/")
@@ -269,7 +269,7 @@ class Trainer:
             ckpt.load_weights(self.model, d / ckpt.WEIGHTS)
             self.optimizer.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
-        self.train_loader.load_state_dict(dist.loader_state(st["train_loader"], self.dist.dp_size))  # [issue 9]
+        self.train_loader.load_state_dict(dist.loader_state(st["train_loader"], self.dist.dp_size))
         set_rng_state(st["rng"])
         self.step, self.tokens_seen, self.best_val = st["step"], st["tokens_seen"], st["best_val"]
         self.es_best = st.get("es_best", self.best_val)
@@ -288,7 +288,7 @@ class Trainer:
         for _ in range(iters or self.cfg.eval_iters):
             x, y = self.val_loader.next_batch()
             with self.autocast:
-                if self.par.pipeline is not None:  # [issue 9] pp: the stages run the forward in turn
+                if self.par.pipeline is not None:  # pp: the stages run the forward in turn
                     losses.append(self.par.pipeline.eval_loss(x, y))
                     continue
                 out = self.model(x, y, cache=memory)
@@ -296,7 +296,7 @@ class Trainer:
                 # and head 1's alone for multi-token prediction (both report it as aux["lm_loss"])
                 losses.append((out.aux or {}).get("lm_loss", out.loss).float().item())
         self.model.train()
-        return dist.reduce_mean(sum(losses) / len(losses), self.dist)  # [issue 9] mean over ranks' shards
+        return dist.reduce_mean(sum(losses) / len(losses), self.dist)  # mean over ranks' shards
 
     # -- the loop ---------------------------------------------------------------------------
     def _handle_signal(self, signum, frame) -> None:
@@ -324,7 +324,7 @@ class Trainer:
 
     def _open_loggers(self) -> Loggers:
         cfg = self.cfg
-        if not self.dist.is_main:  # [issue 9] only rank 0 writes logs
+        if not self.dist.is_main:  # only rank 0 writes logs
             return Loggers()
         settings = cfg.to_dict()
         tb = TensorBoardLogger(self.out_dir / "tb", settings) if cfg.tensorboard else None
@@ -350,13 +350,13 @@ class Trainer:
 
     def close(self) -> None:
         """After a successful :meth:`train`: leave the process group this trainer joined (torchrun)."""
-        dist.teardown(self.dist)  # [issue 9]
+        dist.teardown(self.dist)
 
     def train(self) -> dict[str, Any]:
         """Run until ``max_steps``, the time budget, early stopping or a signal; returns a summary."""
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:  # [issue 9]
+        if self.dist.is_main:
             clean_stale(self.out_dir)  # what a kill -9 inside an atomic write or a prune left behind
             atomic_write_text(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         log = self._open_loggers()
@@ -374,7 +374,7 @@ class Trainer:
             for s in (signal.SIGTERM, signal.SIGINT):
                 handlers[s] = signal.signal(s, self._handle_signal)
         bar = None
-        if cfg.progress and self.dist.is_main:  # [issue 9]
+        if cfg.progress and self.dist.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, leave=True)
@@ -399,11 +399,11 @@ class Trainer:
                     out = None
                     for micro in range(accum):
                         x, y = self.train_loader.next_batch()
-                        if self.par.pipeline is not None:  # [issue 9] pp: the schedule runs every stage
+                        if self.par.pipeline is not None:  # pp: the schedule runs every stage
                             with self.autocast:
                                 loss_sum += self.par.pipeline.step(x, y, accum) / accum
                             continue
-                        # [issue 9] DDP: all-reduce gradients only after the last micro-batch (no_sync)
+                        # DDP: all-reduce gradients only after the last micro-batch (no_sync)
                         with dist.gradient_sync(self.train_model, micro == accum - 1):
                             with self.autocast:
                                 if self.loss_fn is None:
@@ -415,8 +415,8 @@ class Trainer:
                         loss_sum += loss.detach()
                     self.scaler.unscale_(opt)
                     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                    norm = self.par.clip_grad_norm(clip)  # [issue 9] the global norm, shards counted once
-                    loss_val, norm_val = dist.reduce_mean(loss_sum, self.dist), float(norm)  # [issue 9] mean over ranks
+                    norm = self.par.clip_grad_norm(clip)  # the global norm, shards counted once
+                    loss_val, norm_val = dist.reduce_mean(loss_sum, self.dist), float(norm)  # mean over ranks
                     if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
                         self._skip_step(opt, log, loss_val, norm_val)
                         continue
@@ -425,7 +425,7 @@ class Trainer:
                     self.scaler.update()
                     opt.zero_grad(set_to_none=True)
                     self.step += 1
-                    step_tokens = cfg.batch_size * self.block_size * accum * self.dist.dp_size  # [issue 9] all ranks
+                    step_tokens = cfg.batch_size * self.block_size * accum * self.dist.dp_size  # all ranks
                     self.tokens_seen += step_tokens
                     session_tokens += step_tokens
                     dt = time.time() - t0

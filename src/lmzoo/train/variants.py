@@ -1,6 +1,6 @@
 """Variants a training run switches on by config, applied from outside the model it builds.
 
-``multi_token: n`` (n > 1) wraps the model in :class:`~lmzoo.mtp.MultiTokenLM` (n output heads,
+``multi_token: n`` (n > 1) wraps the model in :class:`~lmzoo.models.mtp.MultiTokenLM` (n output heads,
 docs/multi-token-prediction.md); ``bitnet: b1 | b1.58`` rewrites the attention and MLP
 projections into BitLinear (:func:`lmzoo.quant.bitnet.convert`, docs/bitnet.md). Both are plain
 fields of :class:`~lmzoo.train.TrainConfig`, so ``lmzoo train --multi_token=4`` and a ``lmzoo
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
-from ..models.base import LanguageModel
+from lmzoo.errors import ConfigError
+from lmzoo.models.base import LanguageModel
 
 _PARALLEL_OK = ("none", "ddp")  # modes that run the model as it is (one replica per process)
 
@@ -27,7 +27,7 @@ def check_variants(multi_token: int, bitnet: str, parallel: dict[str, Any], fami
     """Refuse what the variants cannot run under (one line each).
 
     With the model's ``family`` and config, also the models a variant cannot wrap, before any data
-    is prepared: multi-token heads need a Transformer with a full KV cache (:class:`~lmzoo.mtp.MultiTokenLM`
+    is prepared: multi-token heads need a Transformer with a full KV cache (:class:`~lmzoo.models.mtp.MultiTokenLM`
     refuses Mamba, Jamba, Transformer-XL, linear / Infini-attention and KV sharing: their checkpoints
     could not decode). The check builds the model on the meta device (shapes only, nothing allocated)."""
     mode = (parallel or {}).get("mode", "none")
@@ -35,9 +35,9 @@ def check_variants(multi_token: int, bitnet: str, parallel: dict[str, Any], fami
     if used and mode not in _PARALLEL_OK:
         raise ConfigError(f"{' and '.join(used)} run only with parallel.mode none or ddp, not {mode!r}")
     if multi_token > 1 and family is not None and model_cfg is not None:
-        from ..memguard import MetaWithoutInit
-        from ..models import build_model
-        from ..mtp import MultiTokenLM
+        from lmzoo.memguard import MetaWithoutInit
+        from lmzoo.models import build_model
+        from lmzoo.models.mtp import MultiTokenLM
 
         with MetaWithoutInit():  # shapes only, initializers skipped (plain meta init costs seconds)
             MultiTokenLM(build_model(family, model_cfg), n_future=multi_token)
@@ -46,11 +46,11 @@ def check_variants(multi_token: int, bitnet: str, parallel: dict[str, Any], fami
 def apply_variants(model: LanguageModel, multi_token: int, bitnet: str) -> LanguageModel:
     """``model`` with the configured variants (the same object when none is on)."""
     if multi_token > 1:
-        from ..mtp import MultiTokenLM
+        from lmzoo.models.mtp import MultiTokenLM
 
         model = MultiTokenLM(model, n_future=multi_token)
     if bitnet != "off":
-        from ..quant import bitnet as bn
+        from lmzoo.quant import bitnet as bn
 
         bn.convert(model, variant=bitnet)
     return model

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, LmzooError
+from lmzoo.errors import ConfigError, LmzooError
 
 HUBER_DELTA = 1e-3
 
@@ -242,7 +242,7 @@ def plot_fit(fit: ScalingFit, params: Sequence[float], tokens: Sequence[float], 
 def dial_params(depth: int, vocab_size: int, block_size: int, aspect: int = 32, head_dim: int = 16,
                 model: str = "gpt2-char-cpu") -> int:
     """Parameters (all of them, embeddings included) of the sweep's model at ``depth``: built, counted."""
-    from .models import build
+    from lmzoo.models import build
 
     dial = depth_config(depth, aspect, head_dim)
     m = build(model, n_layer=dial["n_layer"], n_embd=dial["n_embd"], n_head=dial["n_head"], vocab_size=vocab_size,
@@ -285,7 +285,7 @@ def run_sweep(
     """
     import time
 
-    from .train import TrainConfig, Trainer
+    from lmzoo.train import TrainConfig, Trainer
 
     pairs = list(plan) if plan is not None else [(d, s) for d in depths for s in steps]
     if not pairs or any(d < 1 or s < 1 for d, s in pairs):

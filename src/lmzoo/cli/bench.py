@@ -1,4 +1,4 @@
-"""``lmzoo bench train`` and ``lmzoo bench generate``: one JSON line of speed figures (lmzoo.bench)."""
+"""``lmzoo bench train`` and ``lmzoo bench generate``: one JSON line of speed figures (lmzoo.evaluation.bench)."""
 
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
-    from .bench import bench_generate, bench_train
-    from .config import parse_overrides
-    from .errors import ConfigError
+    from lmzoo.config import parse_overrides
+    from lmzoo.errors import ConfigError
+    from lmzoo.evaluation.bench import bench_generate, bench_train
 
     model_args = parse_overrides(extra)
     if args.bench_command == "train":

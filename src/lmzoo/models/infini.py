@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
-from ..models import build_model
-from ..models.base import LanguageModel
+from lmzoo.errors import ConfigError
+from lmzoo.models import build_model
+from lmzoo.models.base import LanguageModel
 
 
 def to_infini(

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli_bench import add_bench_parser
-from .cli_info import cmd_info
-from .errors import ConfigError, LmzooError
+from lmzoo.cli.bench import add_bench_parser
+from lmzoo.cli.info import cmd_info
+from lmzoo.errors import ConfigError, LmzooError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,8 +28,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train_config(args: argparse.Namespace, extra: list[str]):
-    from .config import parse_overrides, read_yaml
-    from .train.config import TrainConfig, split_overrides
+    from lmzoo.config import parse_overrides, read_yaml
+    from lmzoo.train.config import TrainConfig, split_overrides
 
     settings = read_yaml(args.config) if args.config else {}
     if "model" in settings and isinstance(settings["model"], dict):
@@ -40,7 +40,7 @@ def _train_config(args: argparse.Namespace, extra: list[str]):
     if getattr(args, "profile", False):
         overrides["profile"] = True
     merged = {**settings, **{k: v for k, v in overrides.items() if k != "model_args"}}
-    for where, d in ((args.config, settings), ("--model_args", overrides)):  # [issue 12] found by the fuzzer
+    for where, d in ((args.config, settings), ("--model_args", overrides)):  # a value of another type
         if d.get("model_args") is not None and not isinstance(d["model_args"], dict):
             raise ConfigError(f"{where}: model_args must be a mapping of preset overrides, got {d['model_args']!r}")
     if "model_args" in overrides or "model_args" in settings:
@@ -49,11 +49,11 @@ def _train_config(args: argparse.Namespace, extra: list[str]):
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from .train import Trainer
+    from lmzoo.train import Trainer
 
     cfg = _train_config(args, extra)
-    if args.nproc != 1:  # [issue 9] re-run under torchrun with N workers (cli_dist.py)
-        from .cli_dist import launch
+    if args.nproc != 1:  # re-run under torchrun with N workers (cli_dist.py)
+        from lmzoo.cli.dist import launch
 
         return launch(args, extra, cfg)
     trainer = Trainer(cfg)
@@ -64,8 +64,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         f"device {trainer.device}, {str(trainer.dtype).replace('torch.', '')}"
     )
     summary = trainer.train()
-    trainer.close()  # [issue 9] leave the process group (after success only)
-    if not trainer.dist.is_main:  # [issue 9] torchrun: rank 0 alone reports and samples
+    trainer.close()  # leave the process group (after success only)
+    if not trainer.dist.is_main:  # torchrun: rank 0 alone reports and samples
         return 0
     if summary["interrupted"]:
         print(f"interrupted at step {summary['step']}: checkpoint saved in {cfg.out_dir}; continue with --resume")
@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, {summary['wall_s']:.0f} s")
     print(f"checkpoint: {cfg.out_dir}  (lmzoo generate --checkpoint {cfg.out_dir} --prompt ...)")
     if cfg.sample_tokens:
-        from .generate import encode_prompt, generate
+        from lmzoo.decoding.generate import encode_prompt, generate
 
         tok = trainer.tokenizer
         try:
@@ -81,9 +81,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         except LmzooError as e:  # the run is saved; only its sample cannot be drawn
             print(f"lmzoo: no sample: sample_prompt: {_one_line(str(e))}", file=sys.stderr)
             return 0
-        from .checkpoint import load
+        from lmzoo.formats.checkpoint import load
 
-        # [issue 9] fsdp/tp/pp: rank 0 holds only shards or a stage; sample from the gathered checkpoint
+        # fsdp/tp/pp: rank 0 holds only shards or a stage; sample from the gathered checkpoint
         model = load(cfg.out_dir, trainer.device) if trainer.par.sharded else trainer.model
         out = generate(model, [prompt], cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
         print("--- sample ---")
@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
-    from .data import prepare
+    from lmzoo.data import prepare
 
     if extra:
         raise ConfigError(f"prepare: unrecognized arguments: {' '.join(extra)}")
@@ -100,7 +100,7 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
         args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         val_fraction=args.val_fraction, text_field=args.text_field, input=args.input, workers=args.workers,
     )
-    from .data import load_meta
+    from lmzoo.data import load_meta
 
     meta = load_meta(out)
     print(
@@ -110,29 +110,10 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _load_any(path: str, device: str = "cpu"):
-    """(model, tokenizer) from an lmzoo checkpoint/run directory or a Hugging Face directory."""
-    from . import checkpoint as ckpt
-
-    p = Path(path)
-    cfg_file = p / "config.json"
-    if cfg_file.is_file() and '"family"' not in cfg_file.read_text(errors="replace"):
-        from .convert import from_hf
-        from .tokenizer import load_tokenizer
-
-        model = from_hf(p, device=device)
-        try:
-            tok = load_tokenizer(p)
-        except LmzooError:
-            tok = None
-        return model, tok
-    model = ckpt.load(p, device=device)
-    return model, ckpt.load_tokenizer_of(p)
-
-
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
-    from .generate import check_sampling, encode_prompt, stream
-    from .train.trainer import resolve_device
+    from lmzoo.common import resolve_device
+    from lmzoo.decoding.generate import check_sampling, encode_prompt, stream
+    from lmzoo.formats.load import load_any
 
     if extra:
         raise ConfigError(f"generate: unrecognized arguments: {' '.join(extra)}")
@@ -145,7 +126,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
         except ConfigError as e:
             raise ConfigError(f"--seed plus --num-samples - 1: {e}") from None
     device = resolve_device(args.device)
-    model, tok = _load_any(args.checkpoint, device=str(device))
+    model, tok = load_any(args.checkpoint, device=str(device))
     if tok is None:
         raise ConfigError(f"{args.checkpoint}: no tokenizer saved with the checkpoint")
     prompt = encode_prompt(tok, args.prompt)  # unknown characters: one error line naming them (exit 2)
@@ -187,7 +168,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
-    from .peft.finetune import finetune
+    from lmzoo.peft.finetune import finetune
 
     cfg = _train_config(args, extra)  # TrainConfig fields as --key=value (data, steps, lr, out_dir...)
     summary = finetune(
@@ -203,7 +184,7 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
-    from .train.plot import plot_runs
+    from lmzoo.train.plot import plot_runs
 
     if extra:
         raise ConfigError(f"plot: unrecognized arguments: {' '.join(extra)}")
@@ -213,11 +194,11 @@ def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_scale(args: argparse.Namespace, extra: list[str]) -> int:
-    """[issue 9] A small scaling-law sweep, the approach-3 fit and its plot (docs/scaling-laws.md)."""
+    """A small scaling-law sweep, the approach-3 fit and its plot (docs/scaling-laws.md)."""
     import json
 
-    from .data import load_meta, prepare
-    from .scaling import dial_params, fit_scaling_law, isoflop_plan, plot_fit, run_sweep
+    from lmzoo.data import load_meta, prepare
+    from lmzoo.evaluation.scaling import dial_params, fit_scaling_law, isoflop_plan, plot_fit, run_sweep
 
     if extra:
         raise ConfigError(f"scale: unrecognized arguments: {' '.join(extra)}")
@@ -258,14 +239,15 @@ def cmd_scale(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     import json
 
-    from . import evaluate as ev
-    from .train.trainer import resolve_device
+    from lmzoo.common import resolve_device
+    from lmzoo.evaluation import evaluate as ev
+    from lmzoo.formats.load import load_any
 
     if extra:
         raise ConfigError(f"eval: unrecognized arguments: {' '.join(extra)}")
     if not (args.data_dir or args.text or args.task):
         raise ConfigError("eval: give --data-dir DIR (with --split), --text FILE or --task FILE.jsonl")
-    model, tok = _load_any(args.checkpoint, device=str(resolve_device(args.device)))
+    model, tok = load_any(args.checkpoint, device=str(resolve_device(args.device)))
     results: dict = {"checkpoint": args.checkpoint}
     if args.data_dir:
         r = ev.evaluate_split(model, args.data_dir, args.split, args.block_size, args.batch_size, args.max_tokens)
@@ -297,9 +279,9 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     import shlex
 
-    from .compare import compare, load_experiment, parse_run
-    from .config import parse_overrides
-    from .train.config import split_overrides
+    from lmzoo.config import parse_overrides
+    from lmzoo.evaluation.compare import compare, load_experiment, parse_run
+    from lmzoo.train.config import split_overrides
 
     budget = None
     if args.budget:
@@ -311,7 +293,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
         common=split_overrides(parse_overrides(extra)) or None,
     )
     table = compare(exp, command="lmzoo " + shlex.join(sys.argv[1:]))
-    from .compare import table_markdown
+    from lmzoo.evaluation.compare import table_markdown
 
     print(table_markdown(table), end="")
     print(f"wrote {exp['out_dir']}/table.md, table.json and val_loss_vs_{{tokens,time,flops}}.png")
@@ -319,7 +301,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
-    from .report import export, write_report
+    from lmzoo.evaluation.report import export, write_report
 
     if extra:
         raise ConfigError(f"report: unrecognized arguments: {' '.join(extra)}")
@@ -329,14 +311,15 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
-    from .chat import ChatSession, run_chat
-    from .generate import check_sampling
-    from .train.trainer import resolve_device
+    from lmzoo.common import resolve_device
+    from lmzoo.decoding.generate import check_sampling
+    from lmzoo.formats.load import load_any
+    from lmzoo.serving.chat import ChatSession, run_chat
 
     if extra:
         raise ConfigError(f"chat: unrecognized arguments: {' '.join(extra)}")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
-    model, tok = _load_any(args.checkpoint, device=str(resolve_device(args.device)))
+    model, tok = load_any(args.checkpoint, device=str(resolve_device(args.device)))
     if tok is None:
         raise ConfigError(f"{args.checkpoint}: no tokenizer saved with the checkpoint")
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
@@ -346,7 +329,7 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
-    from .serve import serve
+    from lmzoo.serving.serve import serve
 
     if extra:
         raise ConfigError(f"serve: unrecognized arguments: {' '.join(extra)}")
@@ -452,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--title", default=None)
     pl.set_defaults(func=cmd_plot)
 
-    # [issue 9] scaling-law sweep (lmzoo.scaling)
+    # scaling-law sweep (lmzoo.evaluation.scaling)
     sc = sub.add_parser("scale", help="sweep model sizes x token budgets, fit L(N, D), plot the frontier")
     sc.add_argument("--source", default="stdlib", help="corpus (built-in name or path)")
     sc.add_argument("--tokenizer", default="char")

@@ -15,7 +15,7 @@ the gap (docs/performance.md):
   tokens come to the host once at the end (stop tokens freeze a finished row on the device).
 
 Prefill is one batched forward over the (left-padded) prompts, eager (it is compute-bound).
-On a CPU the step runs eagerly by default; the results equal :func:`lmzoo.generate.generate`
+On a CPU the step runs eagerly by default; the results equal :func:`lmzoo.decoding.generate.generate`
 (greedy: token for token; tests/test_static_cache.py).
 """
 
@@ -26,9 +26,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .cache import KVCache, StaticKVCache
-from .errors import ConfigError
-from .generate import check_sampling, left_pad, nan_error, nan_guard, sample_next
+from lmzoo.cache import KVCache, StaticKVCache
+from lmzoo.decoding.generate import check_sampling, left_pad, nan_error, nan_guard, sample_next
+from lmzoo.errors import ConfigError
 
 
 def static_cache(model, batch: int, max_len: int, dtype=None, device=None, pad=None) -> StaticKVCache | None:
@@ -89,11 +89,11 @@ def generate_static(
     compile: bool | None = None,
     step_fn=None,
 ) -> list[list[int]]:
-    """Like :func:`lmzoo.generate.generate` (default greedy), with a static cache and a compiled step.
+    """Like :func:`lmzoo.decoding.generate.generate` (default greedy), with a static cache and a compiled step.
 
     ``compile`` None compiles on CUDA (CUDA graphs) and runs eagerly elsewhere; ``step_fn`` replaces
     the step (tests pass one compiled with another backend). Raises ConfigError when the model's
-    decoding state cannot be static (use :func:`lmzoo.generate.generate`) or the prompt plus
+    decoding state cannot be static (use :func:`lmzoo.decoding.generate.generate`) or the prompt plus
     ``max_new_tokens`` exceed a learned position table.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
@@ -107,7 +107,7 @@ def generate_static(
     if limit is not None and T + max_new_tokens > limit:
         raise ConfigError(
             f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceed the model's {limit} positions; "
-            "the static cache does not slide (use lmzoo.generate.generate)"
+            "the static cache does not slide (use lmzoo.decoding.generate.generate)"
         )
     device = model.device
     cache = _reused_cache(model, B, T + max_new_tokens, device, pad)

@@ -39,10 +39,10 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from ..models.llama import LlamaConfig
-from .hf_fields import is_int, is_number
-from .io import check_shape, split_fused_experts
+from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.formats.hf.fields import is_int, is_number
+from lmzoo.formats.tensors import check_shape, split_fused_experts
+from lmzoo.models.llama import LlamaConfig
 
 PREFIX = "model."
 LM_HEAD = "lm_head.weight"
@@ -174,7 +174,7 @@ def _rope_from_hf(hf: Mapping[str, Any], default_theta: float) -> dict[str, Any]
 
 
 class LlamaConverter:
-    """The converter registered for ``model_type`` llama, mistral and mixtral (see :mod:`lmzoo.convert`)."""
+    """The converter registered for ``model_type`` llama, mistral and mixtral (see :mod:`lmzoo.formats.hf`)."""
 
     family = "llama"
     model_types = ("llama", "mistral", "mixtral")

@@ -12,7 +12,7 @@ How a load works (see docs/checkpoints-hf.md):
    cannot compute exactly.
 2. The lmzoo model is built on the **meta device**: parameters have shapes but no storage, so
    no memory is allocated and no initialization is run for weights about to be replaced.
-3. Tensors stream in from the files (:mod:`lmzoo.convert.io`), are renamed / transposed by
+3. Tensors stream in from the files (:mod:`lmzoo.formats.tensors`), are renamed / transposed by
    the converter, checked against the model's shapes, cast and moved to ``device`` one by one
    (a tensor still viewing the file's memory map is copied, so the model owns its memory).
 4. ``load_state_dict(assign=True)`` makes those tensors the parameters (no copy into
@@ -35,13 +35,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..config import Config
-from ..errors import CheckpointError, ConfigError, LmzooError
-from ..layers.rope import RotaryEmbedding, rope_frequencies
-from ..memguard import check_fits
-from ..models import build_model
-from ..models.base import LanguageModel
-from . import hf_fields, hf_gpt2, hf_jamba, hf_llama, hf_mamba, io
+from lmzoo.common import resolve_dtype
+from lmzoo.config import Config
+from lmzoo.errors import CheckpointError, ConfigError, LmzooError
+from lmzoo.formats import tensors as io
+from lmzoo.formats.hf import fields, gpt2, jamba, llama, mamba
+from lmzoo.layers.rope import RotaryEmbedding, rope_frequencies
+from lmzoo.memguard import check_fits
+from lmzoo.models import build_model
+from lmzoo.models.base import LanguageModel
 
 
 class Converter(Protocol):
@@ -118,15 +120,6 @@ def _converter_for_family(family: str) -> Converter:
     )
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    d = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(d, torch.dtype) or not d.is_floating_point:
-        raise ConfigError(f"dtype {dtype!r} is not a floating-point torch dtype (e.g. float32, bfloat16)")
-    return d
-
-
 def tied_aliases(model: nn.Module) -> dict[str, str]:
     """``{alias: canonical}`` for parameters registered under several names (weight tying).
 
@@ -180,7 +173,7 @@ def materialize_buffers(
         else:
             raise RuntimeError(
                 f"cannot materialize the buffers of {name or 'the model'} ({type(m).__name__}): "
-                "register a builder in lmzoo.convert.BUFFER_BUILDERS or give it reset_buffers(device)"
+                "register a builder in lmzoo.formats.hf.BUFFER_BUILDERS or give it reset_buffers(device)"
             )
         if dtype is not None:
             for bname, b in m.named_buffers(recurse=False):
@@ -195,7 +188,7 @@ def _config_from_hf(conv: Converter, hf_config: Mapping[str, Any], where: Path) 
     """The converter's lmzoo config, every failure a one-line CheckpointError naming ``where``."""
     try:
         # types first: "hidden_size='64': expected a positive integer" (64.0 is read as 64)
-        return conv.config_from_hf(hf_fields.check_fields(hf_config))
+        return conv.config_from_hf(fields.check_fields(hf_config))
     except LmzooError as e:  # the converter's refusals, or the lmzoo config's (n_embd % n_head != 0)
         raise CheckpointError(f"{where}: {e}") from None
     except (TypeError, ValueError, KeyError, ArithmeticError, AttributeError) as e:  # a value not foreseen
@@ -226,11 +219,11 @@ def from_hf(
     cfg = _config_from_hf(conv, hf_config, d / io.CONFIG)
     files = io.weight_files(d)  # every file checked to exist before any work
     device = torch.device(device)
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     # refuse a model that cannot fit before building it (lmzoo.memguard; check_memory=False skips)
     saved = hf_config.get("torch_dtype") or hf_config.get("dtype")
     try:
-        est_dtype = dtype or _resolve_dtype(saved if isinstance(saved, str) else None)
+        est_dtype = dtype or resolve_dtype(saved if isinstance(saved, str) else None)
     except ConfigError:
         est_dtype = None
     check_fits(conv.family, cfg, device, est_dtype, where=str(d), check=check_memory)
@@ -294,20 +287,16 @@ def check_exportable(model: nn.Module, allow: Iterable[str] = ()) -> None:
     (The config's own inexpressible settings are the converters' ``config_to_hf`` refusals.)
     ``allow``: the kinds (``"lora"``, ``"nf4"``) a caller handles itself (:func:`lmzoo.peft.export_peft`).
     """
-    from ..layers.bitlinear import BitLinear, PackedBitLinear
-    from ..peft.lora import LoRALinear
-    from ..peft.nf4 import NF4Linear
-
-    kinds = {type(m) for m in model.modules()}
+    kinds = {getattr(m, "rewrite", None) for m in model.modules()}  # what a converter put in a layer's place
     problems = []
     if getattr(model, "n_future", None):
         problems.append(f"multi-token prediction heads (n_future={model.n_future}; HF's model has one head: "
                         "export model.base for the next-token head alone)")
-    if kinds & {BitLinear, PackedBitLinear}:
+    if "bitnet" in kinds:
         problems.append("BitNet-quantized layers (HF's model has plain linear layers)")
-    if NF4Linear in kinds and "nf4" not in allow:
+    if "nf4" in kinds and "nf4" not in allow:
         problems.append("NF4-quantized layers (dequantize first: lmzoo.peft.qlora.dequantize_model)")
-    if LoRALinear in kinds and "lora" not in allow:
+    if "lora" in kinds and "lora" not in allow:
         problems.append("LoRA adapters (merge them: lmzoo.peft.merge_lora(model, unwrap=True) or export_merged_hf)")
     if problems:
         raise ConfigError(f"cannot export the {model.family} model as Hugging Face: " + "; ".join(problems))
@@ -325,7 +314,7 @@ def to_hf(model: LanguageModel, path: str | os.PathLike, dtype: torch.dtype | st
     check_exportable(model)
     conv = _converter_for_family(model.family)
     hf_config = conv.config_to_hf(model.config)
-    dtype = _resolve_dtype(dtype) or model.dtype
+    dtype = resolve_dtype(dtype) or model.dtype
     hf_config["dtype"] = str(dtype).removeprefix("torch.")
     tensors: dict[str, torch.Tensor] = {}
     try:
@@ -336,10 +325,10 @@ def to_hf(model: LanguageModel, path: str | os.PathLike, dtype: torch.dtype | st
     return io.write_hf_dir(path, hf_config, tensors)
 
 
-register(hf_gpt2.GPT2Converter())
-register(hf_llama.LlamaConverter())
-register(hf_mamba.MambaConverter())
-register(hf_jamba.JambaConverter())
+register(gpt2.GPT2Converter())
+register(llama.LlamaConverter())
+register(mamba.MambaConverter())
+register(jamba.JambaConverter())
 
 __all__ = [
     "CONVERTERS",

@@ -21,28 +21,11 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .train.mfu import device_peak_flops, mfu
-from .train.optim import make_adamw
-from .train.precision import DTYPES, autocast, setup_tf32
-
-
-def resolve(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return torch.device(device)
-
-
-_SHORT = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def _dtype(name: str) -> torch.dtype:
-    name = _SHORT.get(name, name)
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; choose from bf16, fp16, fp32")
-    return DTYPES[name]
+from lmzoo.common import resolve_device, resolve_dtype
+from lmzoo.errors import ConfigError
+from lmzoo.train.mfu import device_peak_flops, mfu
+from lmzoo.train.optimizers import make_adamw
+from lmzoo.train.precision import autocast, setup_tf32
 
 
 def sync(device: torch.device) -> None:
@@ -200,11 +183,11 @@ def bench_train(
     sdpa: str | None = None,
 ) -> dict[str, Any]:
     """tokens/s, step time and MFU of ``preset``'s training step (see the module docstring)."""
-    from .models import PRESETS, build, family_class
+    from lmzoo.models import PRESETS, build, family_class
 
     if batch <= 0 or seq <= 0 or steps <= 0 or warmup < 0:
         raise ConfigError("batch, seq and steps must be positive, warmup >= 0")
-    dev = resolve(device)
+    dev = resolve_device(device)
     setup_tf32(dev, True)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; see `lmzoo info --list`")
@@ -219,7 +202,7 @@ def bench_train(
     model = build(preset, **args).to(dev)
     compile = dev.type == "cuda" if compile is None else compile
     res = time_train_steps(
-        model, model.config.vocab_size, batch, seq, steps, warmup, compile, _dtype(dtype), seed=seed, sdpa=sdpa
+        model, model.config.vocab_size, batch, seq, steps, warmup, compile, resolve_dtype(dtype), seed=seed, sdpa=sdpa
     )
     fpt = model.flops_per_token(seq)
     peak, name = device_peak_flops(dev, peak_flops)
@@ -242,19 +225,19 @@ def bench_generate(
     model: torch.nn.Module | None = None,
     prompts: list[list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Greedy decoding with the static cache (lmzoo.fast_decode) of a random-weight ``preset`` (or of
+    """Greedy decoding with the static cache (lmzoo.decoding.static) of a random-weight ``preset`` (or of
     ``model``; ``prompts`` replace the random ones): tokens/s and memory-bandwidth utilization
     (weight bytes read per step x steps/s ÷ copy GB/s)."""
-    from .fast_decode import generate_static
-    from .models import build
+    from lmzoo.decoding.static import generate_static
+    from lmzoo.models import build
 
     if new_tokens <= 0 or prompt_len <= 0 or batch <= 0:
         raise ConfigError("new_tokens, prompt_len and batch must be positive")
-    dev = resolve(device)
+    dev = resolve_device(device)
     if model is None:
         torch.manual_seed(seed)
         model = build(preset, **(model_args or {}))
-    model = model.to(dev, _dtype(dtype)).eval()
+    model = model.to(dev, resolve_dtype(dtype)).eval()
     if prompts is None:
         g = torch.Generator().manual_seed(seed)
         prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).tolist()

@@ -19,9 +19,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .errors import CheckpointError, ConfigError, DataError, LmzooError, ResourceError
-from .memguard import ENV as NO_MEMORY_CHECK
-from .memguard import available_bytes, fmt_bytes
+from lmzoo.common import fmt_bytes
+from lmzoo.errors import CheckpointError, ConfigError, DataError, LmzooError, ResourceError
+from lmzoo.memguard import ENV as NO_MEMORY_CHECK
+from lmzoo.memguard import available_bytes
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64 (a negative seed would alias seed + 2**64)
 _TINY = torch.finfo(torch.float32).tiny  # smaller temperatures divide by zero in float32: they sample like this one
@@ -276,7 +277,7 @@ def _slide_rows(model, cache, old: list[list[int]], new: list[list[int]]) -> boo
     """Re-lay ``cache`` (holding every row of ``old`` but its newest token) for the rows of ``new``,
     recomputing only the rows whose context changed; False when the cache is not a plain
     :class:`~lmzoo.cache.KVCache` (the caller then re-prefills the whole batch)."""
-    from .cache import KVCache
+    from lmzoo.cache import KVCache
 
     redo = [b for b, (o, n) in enumerate(zip(old, new)) if n is not o and len(n) > 1]
     if type(cache) is not KVCache or len({len(new[b]) for b in redo}) > 1:

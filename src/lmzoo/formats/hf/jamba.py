@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from ..models.jamba import JambaConfig
-from .io import check_shape, split_fused_experts
+from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.formats.tensors import check_shape, split_fused_experts
+from lmzoo.models.jamba import JambaConfig
 
 PREFIX = "model."
 LM_HEAD = "lm_head.weight"
@@ -83,7 +83,7 @@ _TO_HF = [(_compile(lm), hf) for hf, lm in KEY_MAP]
 
 
 class JambaConverter:
-    """The converter registered for ``model_type == "jamba"`` (see :mod:`lmzoo.convert`)."""
+    """The converter registered for ``model_type == "jamba"`` (see :mod:`lmzoo.formats.hf`)."""
 
     family = "jamba"
     model_types = ("jamba",)

@@ -5,7 +5,7 @@ Endpoints (the subset of OpenAI's API a base model can honour; docs/serve.md):
 - ``POST /v1/completions``: ``prompt`` (a string or a list of strings), ``max_tokens`` (default 16),
   ``temperature`` (default 1; 0 = greedy), ``top_p``, ``top_k`` (an extension), ``stop`` (a string or
   a list), ``seed``, ``stream``.
-- ``POST /v1/chat/completions``: ``messages`` turned into a transcript (lmzoo.chat.format_chat);
+- ``POST /v1/chat/completions``: ``messages`` turned into a transcript (lmzoo.serving.chat.format_chat);
   the same sampling fields; ``max_tokens`` (or ``max_completion_tokens``) defaults to the limit.
 - ``GET /v1/models``, ``GET /health``.
 
@@ -15,7 +15,7 @@ Limits, and why: the server binds to 127.0.0.1 unless told otherwise (it has no 
 a request body over ``max_body_bytes`` is refused with 413 before it is parsed; ``max_tokens``
 above ``max_tokens_limit`` is refused with 400 (not silently clamped: a client asking for more
 than it gets would see a truncated answer it did not ask for); malformed JSON, a bad field (checked
-by lmzoo.generate.check_sampling, as everywhere) or a prompt with characters the tokenizer does not
+by lmzoo.decoding.generate.check_sampling, as everywhere) or a prompt with characters the tokenizer does not
 know is a 400 with a message in OpenAI's error format, checked before a stream starts; no user input
 gets a 500. Slow clients are cut off: a connection that has not sent
 a request's headers within ``read_timeout_s`` is closed, a body not received within it is a 408, an
@@ -36,9 +36,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from .chat import format_chat, stream_text
-from .errors import ConfigError, LmzooError
-from .generate import check_sampling, encode_prompt
+from lmzoo.decoding.generate import check_sampling, encode_prompt
+from lmzoo.errors import ConfigError, LmzooError
+from lmzoo.serving.chat import format_chat, stream_text
 
 DEFAULT_MAX_TOKENS_LIMIT = 512
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
@@ -343,10 +343,10 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
         raise ConfigError(f"--port must be in 0..65535, got {port}")
     if max_connections <= 0:
         raise ConfigError(f"--max-connections must be positive, got {max_connections}")
-    from .cli import _load_any
-    from .train.trainer import resolve_device
+    from lmzoo.common import resolve_device
+    from lmzoo.formats.load import load_any
 
-    model, tok = _load_any(checkpoint, device=str(resolve_device(device)))
+    model, tok = load_any(checkpoint, device=str(resolve_device(device)))
     server = Server(model, tok, model_name=limits.pop("model_name", None) or model.family, **limits)
     app = create_app(server)
     if host not in ("127.0.0.1", "localhost", "::1"):

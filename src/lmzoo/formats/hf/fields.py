@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import CheckpointError
+from lmzoo.errors import CheckpointError
 
 POSITIVE_INT = frozenset({
     "vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "n_inner", "max_position_embeddings",

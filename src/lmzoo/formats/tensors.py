@@ -20,7 +20,7 @@ caller that keeps one unchanged should copy it so the file can be unmapped (``fr
 Safety: ``.bin`` files are pickles, and unpickling can run arbitrary code. They are loaded only
 with ``torch.load(weights_only=True)``, which refuses every global but tensors and plain
 containers; a refused or corrupt file is a :class:`~lmzoo.errors.CheckpointError`, never a
-traceback. Writing goes through :func:`lmzoo.atomic.atomic_path`: a kill mid-write leaves the
+traceback. Writing goes through :func:`lmzoo.formats.atomic.atomic_path`: a kill mid-write leaves the
 old directory or the new one, never a half-written mix.
 """
 
@@ -41,9 +41,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path
-from ..config import read_json
-from ..errors import CheckpointError
+from lmzoo.config import read_json
+from lmzoo.errors import CheckpointError
+from lmzoo.formats.atomic import atomic_path
 
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"

@@ -14,22 +14,22 @@ import subprocess
 import sys
 from typing import Any
 
-from .errors import ConfigError
+from lmzoo.errors import ConfigError
 
 
 def check(cfg: Any, nproc: int) -> None:
     """Raise a one-line ConfigError when ``nproc`` processes cannot run ``cfg``'s parallel layout."""
-    from .distributed import ParallelConfig, check_layout
-    from .models import preset_config
-    from .train.config import accumulation_steps
+    from lmzoo.distributed import ParallelConfig, check_layout
+    from lmzoo.models import preset_config
+    from lmzoo.train.config import accumulation_steps
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
     pc = ParallelConfig.from_dict(cfg.parallel)
     model_config = preset_config(cfg.model, **cfg.model_args)  # an unknown preset is a one-line error here
     if pc.mode == "pp" and nproc > 1:
-        from .distributed.pipeline import check_family
-        from .models import PRESETS
+        from lmzoo.distributed.pipeline import check_family
+        from lmzoo.models import PRESETS
 
         check_family(PRESETS[cfg.model][0], model_config)
     check_layout(pc, nproc, cfg.batch_size, cfg.global_batch, model_config)

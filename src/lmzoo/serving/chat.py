@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .errors import ConfigError, LmzooError
+from lmzoo.errors import ConfigError, LmzooError
 
 TEMPLATES = ("transcript", "raw")
 
@@ -88,7 +88,7 @@ def stream_text(
     ``info`` (optional) receives ``prompt_tokens``, ``completion_tokens`` and ``finish_reason``
     ("stop": end-of-text or a stop string, "length": ``max_new_tokens`` reached), OpenAI's fields.
     """
-    from .generate import stream
+    from lmzoo.decoding.generate import stream
 
     info = {} if info is None else info
 

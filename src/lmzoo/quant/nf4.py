@@ -124,6 +124,8 @@ class NF4Linear(nn.Module):
     Forward ``(..., in) -> (..., out)`` dequantizes the weight to the input's dtype and multiplies.
     """
 
+    rewrite = "nf4"  # what stands in a Linear's place (formats.hf.check_exportable reads it)
+
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
-from .errors import ConfigError, LmzooError
+from lmzoo.errors import ConfigError, LmzooError
+from lmzoo.formats.atomic import atomic_write_text
 
 BUDGETS = ("steps", "tokens", "flops", "time_s")
 RESULT = "result.json"
@@ -50,7 +50,7 @@ PLOTS = {"tokens": "val_loss_vs_tokens.png", "time": "val_loss_vs_time.png", "fl
 
 def parse_run(spec: str) -> dict[str, Any]:
     """``name:preset:key=val,key=val`` -> a run dict (``model.X`` keys go to ``model_args``)."""
-    from .config import parse_overrides
+    from lmzoo.config import parse_overrides
 
     parts = spec.split(":", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
@@ -70,7 +70,7 @@ def parse_run(spec: str) -> dict[str, Any]:
 
 def load_experiment(path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
     """The experiment dict from a YAML file and/or keyword overrides (``runs``, ``budget``, ...), checked."""
-    from .config import read_yaml
+    from lmzoo.config import read_yaml
 
     exp: dict[str, Any] = dict(read_yaml(path)) if path else {}
     for k, v in overrides.items():
@@ -89,8 +89,8 @@ def load_experiment(path: str | Path | None = None, **overrides: Any) -> dict[st
         raise ConfigError(f"compare: every run needs a unique name, got {names}")
     if any("model" not in r for r in runs):
         raise ConfigError("compare: every run needs a model (a preset name)")
-    from .errors import suggest
-    from .models import PRESETS
+    from lmzoo.errors import suggest
+    from lmzoo.models import PRESETS
 
     for r in runs:  # before any (long) data preparation
         if r["model"] not in PRESETS:
@@ -115,11 +115,11 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
     """(run name, seed, TrainConfig dict) for every run and seed, with the budget applied."""
     import torch
 
-    from .models import PRESETS, build_model, preset_config
-    from .train import TrainConfig
-    from .train.config import steps_for_tokens
-    from .train.mfu import train_flops_per_token
-    from .train.variants import apply_variants
+    from lmzoo.models import PRESETS, build_model, preset_config
+    from lmzoo.train import TrainConfig
+    from lmzoo.train.config import steps_for_tokens
+    from lmzoo.train.mfu import train_flops_per_token
+    from lmzoo.train.variants import apply_variants
 
     kind, amount = next(iter(exp["budget"].items()))
     vocab = json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"]
@@ -166,9 +166,9 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
 
 
 def _prepare_data(exp: dict[str, Any]) -> str:
-    from .data import prepare
-    from .train import TrainConfig
-    from .train.runtime import default_data_dir
+    from lmzoo.data import prepare
+    from lmzoo.train import TrainConfig
+    from lmzoo.train.runtime import default_data_dir
 
     common = {k: v for k, v in exp["common"].items() if k in ("source", "input", "tokenizer", "vocab_size",
                                                               "data_dir")}
@@ -208,7 +208,7 @@ def _peak_memory(device) -> tuple[int, str]:
 
 def run_worker(cfg_file: str | Path) -> int:
     """Train one run from its TrainConfig JSON; on completion write ``result.json`` next to its metrics."""
-    from .train import TrainConfig, Trainer
+    from lmzoo.train import TrainConfig, Trainer
 
     settings = json.loads(Path(cfg_file).read_text())
     out = Path(settings["out_dir"])
@@ -233,7 +233,7 @@ def run_worker(cfg_file: str | Path) -> int:
 
 def curves(run_dir: str | Path) -> list[dict[str, float]]:
     """Eval points of a run: step, tokens, cumulative wall seconds (over resumed sessions) and val loss."""
-    from .train.metrics import read_metrics
+    from lmzoo.train.metrics import read_metrics
 
     points, offset, last_wall = [], 0.0, 0.0
     for r in read_metrics(run_dir):
@@ -249,7 +249,7 @@ def curves(run_dir: str | Path) -> list[dict[str, float]]:
 
 def summarize_run(run_dir: str | Path, target_loss: float | None = None) -> dict[str, Any]:
     """One table row from a finished run's ``result.json`` and ``metrics.jsonl``."""
-    from .train.metrics import read_metrics
+    from lmzoo.train.metrics import read_metrics
 
     run_dir = Path(run_dir)
     res = json.loads((run_dir / RESULT).read_text())
@@ -402,7 +402,7 @@ def compare(exp: dict[str, Any], command: str | None = None, log=print, isolate:
             log(f"compare: {label}: {how} {cfg['model']} in {run_dir}")
             if isolate:
                 with open(run_dir / "train.log", "a", encoding="utf-8") as logf:
-                    rc = subprocess.call([sys.executable, "-m", "lmzoo.compare", str(cfg_file)], stdout=logf,
+                    rc = subprocess.call([sys.executable, "-m", "lmzoo.evaluation.compare", str(cfg_file)], stdout=logf,
                                          stderr=subprocess.STDOUT)
             else:
                 rc = run_worker(cfg_file)
@@ -425,7 +425,7 @@ def compare(exp: dict[str, Any], command: str | None = None, log=print, isolate:
     return table
 
 
-if __name__ == "__main__":  # the per-run worker: python -m lmzoo.compare RUN.json
+if __name__ == "__main__":  # the per-run worker: python -m lmzoo.evaluation.compare RUN.json
     try:
         sys.exit(run_worker(sys.argv[1]))
     except LmzooError as e:

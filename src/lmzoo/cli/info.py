@@ -5,23 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import ConfigError
-from .memguard import MetaWithoutInit
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
+from lmzoo.common import fmt_bytes
+from lmzoo.errors import ConfigError
+from lmzoo.memguard import MetaWithoutInit
 
 
 def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
-    from .config import parse_overrides
-    from .models import PRESETS, build, preset_config
+    from lmzoo.config import parse_overrides
+    from lmzoo.models import PRESETS, build, preset_config
 
     if args.list:
         for name, (family, _) in sorted(PRESETS.items()):
@@ -36,11 +29,11 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     if args.checkpoint:
         if overrides:
             raise ConfigError("info: overrides apply to presets, not to a checkpoint")
-        from . import checkpoint as ckpt
+        from lmzoo.formats import checkpoint as ckpt
 
         d = ckpt.resolve(args.checkpoint)
         family, cfg, raw = ckpt.read_config(d)
-        from .models import build_model
+        from lmzoo.models import build_model
 
         with MetaWithoutInit():  # shapes only, initializers skipped (fast at any size)
             model = ckpt.apply_settings(build_model(family, cfg), raw, d / ckpt.CONFIG)  # e.g. MTP heads, BitNet layers
@@ -59,25 +52,25 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"  parameters           {n:,}")
     print(f"  non-embedding        {model.num_params(non_embedding=True):,}")
     print(f"  FLOPs/token (train)  {model.flops_per_token(T):.4g}  at context {T}")
-    if getattr(model, "n_future", 1) > 1:  # a multi-token prediction checkpoint (lmzoo.mtp)
+    if getattr(model, "n_future", 1) > 1:  # a multi-token prediction checkpoint (lmzoo.models.mtp)
         print(f"  output heads         {model.n_future} (tokens t+1..t+{model.n_future}; counted above)")
     print("  weight memory        " + ", ".join(
-        f"{k} {_fmt_bytes(n * b)}" for k, b in (("fp32", 4), ("bf16", 2), ("int8", 1), ("4-bit", 0.5))
+        f"{k} {fmt_bytes(n * b)}" for k, b in (("fp32", 4), ("bf16", 2), ("int8", 1), ("4-bit", 0.5))
     ))
-    print(f"  training memory      ~{_fmt_bytes(16 * n)} (fp32 weights + grads + AdamW moments; activations extra)")
+    print(f"  training memory      ~{fmt_bytes(16 * n)} (fp32 weights + grads + AdamW moments; activations extra)")
     kv = getattr(cfg, "n_kv_head", None)
     if kv and hasattr(cfg, "head_dim"):
         per_tok = 2 * cfg.n_layer * kv * cfg.head_dim
-        print(f"  KV cache per token   {_fmt_bytes(per_tok * 2)} in bf16 ({_fmt_bytes(per_tok * 2 * T)} at {T} tokens)")
+        print(f"  KV cache per token   {fmt_bytes(per_tok * 2)} in bf16 ({fmt_bytes(per_tok * 2 * T)} at {T} tokens)")
     elif hasattr(model, "init_cache"):  # a recurrent state (Mamba) or a hybrid one (Jamba): ask the model
         state = model.init_cache(1, T, dtype=torch.bfloat16, device="meta").nbytes
-        print(f"  decoding state       {_fmt_bytes(state)} per sequence in bf16 at {T} tokens")
-    from .quant import memory_lines
+        print(f"  decoding state       {fmt_bytes(state)} per sequence in bf16 at {T} tokens")
+    from lmzoo.quant import memory_lines
 
     for line in memory_lines(model):  # a quantized checkpoint: the memory it saves
         print(line)
     if args.nf4:
-        from .peft.qlora import memory_lines as nf4_lines
+        from lmzoo.peft.qlora import memory_lines as nf4_lines
 
         for line in nf4_lines(model):  # the weight memory under QLoRA's NF4 (docs/qlora-nf4.md)
             print(line)
@@ -90,7 +83,7 @@ def _measured_tokens_per_s(run_dir: str) -> float:
     """Median tokens/s of a run's train records (the first steps, compilation and warm-up, left out)."""
     import statistics
 
-    from .train.metrics import read_metrics
+    from lmzoo.train.metrics import read_metrics
 
     if not (Path(run_dir) / "metrics.jsonl").is_file():
         raise ConfigError(f"info: {run_dir} has no metrics.jsonl to read tokens/s from")
@@ -103,7 +96,7 @@ def _measured_tokens_per_s(run_dir: str) -> float:
 
 def _print_chinchilla(model, args: argparse.Namespace, T: int | None = None) -> None:
     """Compute-optimal tokens for the model (or N and D for --flops), and the time at a tokens/s."""
-    from .train import chinchilla as ch
+    from lmzoo.train import chinchilla as ch
 
     rate = args.tokens_per_s
     if args.from_run:

@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from ..models.gpt2 import GPTConfig
-from .io import check_shape
+from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.formats.tensors import check_shape
+from lmzoo.models.gpt2 import GPTConfig
 
 # (HF name without the "transformer." prefix, lmzoo name, stored as Conv1D (in, out)); {i} = layer.
 KEY_MAP: tuple[tuple[str, str, bool], ...] = (
@@ -127,7 +127,7 @@ def lmzoo_to_hf_name(name: str) -> tuple[str, bool]:
 
 
 class GPT2Converter:
-    """The converter registered for ``model_type == "gpt2"`` (see :mod:`lmzoo.convert`)."""
+    """The converter registered for ``model_type == "gpt2"`` (see :mod:`lmzoo.formats.hf`)."""
 
     family = "gpt2"
     model_types = ("gpt2",)
@@ -193,7 +193,7 @@ class GPT2Converter:
             problems.append(f"kv_share_every={cfg.kv_share_every} (every GPT-2 layer has its own keys and values)")
         if cfg.n_experts:
             problems.append(f"n_experts={cfg.n_experts} (GPT-2 has a dense MLP)")
-        if cfg.padded_vocab_size != cfg.vocab_size:  # [issue 11] the padding rows have no place in HF's config
+        if cfg.padded_vocab_size != cfg.vocab_size:  # the padding rows have no place in HF's config
             problems.append(f"vocab_multiple={cfg.vocab_multiple} pads the vocabulary (export needs 1)")
         if problems:
             raise ConfigError("cannot export as Hugging Face GPT-2: " + "; ".join(problems))

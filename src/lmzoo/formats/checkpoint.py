@@ -22,13 +22,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, atomic_write_text
-from .config import read_json
-from .convert.io import DIGEST_KEY, corrupt_error, tensors_digest
-from .errors import CheckpointError, ConfigError, LmzooError
-from .memguard import check_fits
-from .models import build_model, config_from_dict, config_to_dict
-from .models.base import LanguageModel
+from lmzoo.config import read_json
+from lmzoo.errors import CheckpointError, ConfigError, LmzooError
+from lmzoo.formats.atomic import atomic_path, atomic_write_text
+from lmzoo.formats.tensors import DIGEST_KEY, corrupt_error, tensors_digest
+from lmzoo.memguard import check_fits
+from lmzoo.models import build_model, config_from_dict, config_to_dict
+from lmzoo.models.base import LanguageModel
 
 WEIGHTS, CONFIG, TRAIN_STATE, TOKENIZER = "model.safetensors", "config.json", "train_state.pt", "tokenizer"
 LATEST = "LATEST"
@@ -74,7 +74,7 @@ def write_checkpoint(
         quant = getattr(model, "quantization", None)  # layers rewritten from outside (lmzoo.quant)
         if quant:
             extra = {**(extra or {}), "quantization": quant}
-        n_future = getattr(model, "n_future", None)  # a MultiTokenLM (lmzoo.mtp): its extra heads
+        n_future = getattr(model, "n_future", None)  # a MultiTokenLM (lmzoo.models.mtp): its extra heads
         if n_future:
             extra = {**(extra or {}), "multi_token": {"n_future": int(n_future)}}
         extra = {**(extra or {}), **_peft_settings(model)}
@@ -97,7 +97,7 @@ def _peft_settings(model: LanguageModel) -> dict[str, Any]:
         out["nf4"] = dict(nf4)
     lora = getattr(model, "lora", None)  # LoRA adapters (lmzoo.peft.lora)
     if lora:
-        from .peft.lora import lora_modules
+        from lmzoo.peft.lora import lora_modules
 
         merged = [n for n, m in lora_modules(model) if m.merged]  # their base weights hold the update
         out["lora"] = {**lora, **({"merged": merged} if merged else {})}
@@ -189,14 +189,14 @@ def apply_settings(model: LanguageModel, raw: dict[str, Any], where: str | Path)
         n = mtp.get("n_future") if isinstance(mtp, dict) else None
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
             raise CheckpointError(f"{where}: lmzoo.multi_token.n_future must be an integer in [1, 64], got {n!r}")
-        from .mtp import MultiTokenLM
+        from lmzoo.models.mtp import MultiTokenLM
 
         try:
             model = MultiTokenLM(model, n)
         except ConfigError as e:
             raise CheckpointError(f"{where}: lmzoo.multi_token: {e}") from None
-    from . import quant
-    from .peft import lora, qlora
+    from lmzoo import quant
+    from lmzoo.peft import lora, qlora
 
     # the quantized layers (lmzoo.quant, e.g. BitNet), QLoRA's NF4 base layers, the LoRA adapters
     for key, apply_spec in (("quantization", quant.apply_spec), ("nf4", qlora.apply_spec), ("lora", lora.apply_spec)):
@@ -235,7 +235,7 @@ def load_tokenizer_of(path: str | Path):
     d = resolve(path)
     if not (d / TOKENIZER).is_dir():
         return None
-    from .tokenizer import load_tokenizer
+    from lmzoo.tokenizer import load_tokenizer
 
     return load_tokenizer(d / TOKENIZER)
 

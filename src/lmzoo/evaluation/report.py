@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
-from .compare import PLOTS, table_markdown
-from .errors import DataError
+from lmzoo.errors import DataError
+from lmzoo.evaluation.compare import PLOTS, table_markdown
+from lmzoo.formats.atomic import atomic_write_text
 
 SUMMARY_FILES = ("compare.json", "table.json", "table.md", *PLOTS.values())
 

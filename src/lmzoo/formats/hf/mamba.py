@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from ..models.mamba import MambaConfig
-from .io import check_shape
+from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.formats.tensors import check_shape
+from lmzoo.models.mamba import MambaConfig
 
 PREFIX = "backbone."
 LM_HEAD = "lm_head.weight"
@@ -63,7 +63,7 @@ def _rename(name: str, table: tuple[tuple[re.Pattern[str], str], ...]) -> str | 
 
 
 class MambaConverter:
-    """The converter registered for ``model_type == "mamba"`` (see :mod:`lmzoo.convert`)."""
+    """The converter registered for ``model_type == "mamba"`` (see :mod:`lmzoo.formats.hf`)."""
 
     family = "mamba"
     model_types = ("mamba",)

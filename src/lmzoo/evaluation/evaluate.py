@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, DataError
+from lmzoo.errors import ConfigError, DataError
 
 
 @dataclass
@@ -138,8 +138,8 @@ def evaluate_split(
 ) -> TextEval:
     """Loss, perplexity and bits per byte on a prepared split (``lmzoo prepare``), optionally its first
     ``max_tokens`` tokens. Bytes are counted with the data set's own tokenizer."""
-    from .data import load_meta
-    from .tokenizer import load_tokenizer
+    from lmzoo.data import load_meta
+    from lmzoo.tokenizer import load_tokenizer
 
     if split not in ("train", "val"):
         raise ConfigError(f"unknown split {split!r}; choose train or val")

@@ -36,10 +36,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .cache import KVCache, RollingKVCache
-from .decoding.common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
-from .errors import ConfigError
-from .models.base import LanguageModel, LMOutput, lm_loss
+from lmzoo.cache import KVCache, RollingKVCache
+from lmzoo.decoding.common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
+from lmzoo.errors import ConfigError
+from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
 
 _FINAL_NORMS = ("ln_f", "norm_f", "norm")  # the families' names for the norm before the unembedding
 
