@@ -136,6 +136,60 @@ def test_wandb_logger_works_offline(data_dir, tmp_path, monkeypatch):
     assert (out / "wandb_id").read_text().strip() in runs[0].name
 
 
+def _fake_cuda_allocator(monkeypatch) -> None:
+    """torch.cuda's memory counters answering fixed sizes, so system_metrics runs without a GPU."""
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * gib)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA driver is present: NVML answers here")
+def test_nvml_without_a_driver_leaves_only_the_gpu_readings_out(monkeypatch):
+    """nvidia-ml-py's own answer on a machine without a driver (NVMLError) takes lmzoo's no-NVML path:
+    the allocator's memory fields stay, utilization, power and temperature are absent."""
+    import pynvml
+
+    from lmzoo.train import loggers
+
+    with pytest.raises(pynvml.NVMLError):
+        pynvml.nvmlInit()
+    monkeypatch.setattr(loggers, "_NVML", None)
+    assert loggers._nvml() is False and loggers._NVML is False
+    _fake_cuda_allocator(monkeypatch)
+    out = loggers.system_metrics(torch.device("cuda", 0))
+    assert out == {"mem_allocated_gb": 1.0, "mem_reserved_gb": 2.0, "mem_peak_gb": 3.0}
+    assert loggers.system_metrics(torch.device("cpu")) == {}
+
+
+def test_nvml_readings_are_logged_when_nvml_answers(monkeypatch):
+    """With NVML answering (nvidia-ml-py's functions, their return shapes kept), each reading
+    lands in its field in lmzoo's units: utilization %, watts from milliwatts, degrees C."""
+    import pynvml
+
+    from lmzoo.train import loggers
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: ("handle", i))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", lambda h: pynvml.c_nvmlUtilization_t(gpu=87, memory=5))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetPowerUsage", lambda h: 312_500)  # milliwatts
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTemperature",
+                        lambda h, sensor: 64 if sensor == pynvml.NVML_TEMPERATURE_GPU else -1)
+    monkeypatch.setattr(loggers, "_NVML", pynvml)
+    _fake_cuda_allocator(monkeypatch)
+    out = loggers.system_metrics(torch.device("cuda", 0))
+    assert out["gpu_util_pct"] == 87.0 and out["gpu_power_w"] == 312.5 and out["gpu_temp_c"] == 64.0
+    assert out["mem_allocated_gb"] == 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and its driver")
+def test_nvml_reads_a_real_gpu(monkeypatch):
+    from lmzoo.train import loggers
+
+    monkeypatch.setattr(loggers, "_NVML", None)
+    out = loggers.system_metrics(torch.device("cuda", 0))
+    assert 0 <= out["gpu_util_pct"] <= 100 and out["gpu_power_w"] > 0 and 0 < out["gpu_temp_c"] < 120
+
+
 def test_mfu_uses_the_gpu_table_and_needs_a_peak_on_cpu():
     assert lookup_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert lookup_peak_flops("NVIDIA H100 PCIe") == 756e12
@@ -200,6 +254,7 @@ def test_recipe_runs_two_steps_on_a_local_stand_in(recipe, data_dir, tmp_path, c
             "--config",
             str(RECIPES / recipe),
             f"--data_dir={data_dir}",
+            "--source=none",  # the stand-in data replaces the recipe's corpus (named data is checked against it)
             f"--out_dir={out}",
             "--model.n_layer=1",
             "--model.n_head=4",

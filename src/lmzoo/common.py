@@ -8,6 +8,9 @@ written for people.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 
 from lmzoo.errors import ConfigError
@@ -71,3 +74,24 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.3g} PB"
+
+
+def optional_import(module: str, extra: str, needed_for: str, package: str | None = None) -> ModuleType:
+    """``module`` imported, or a one-line ConfigError naming the lmzoo extra that installs it.
+
+    ``optional_import("scipy.optimize", "scaling", "the scaling-law fit")`` raises, where scipy is
+    missing, ``the scaling-law fit needs scipy: pip install 'lmzoo[scaling]'``. ``package``: the name
+    pip knows when it differs from the module's (``nvidia-ml-py`` for ``pynvml``).
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        name = package or module.partition(".")[0]
+        raise ConfigError(f"{needed_for} needs {name}: pip install 'lmzoo[{extra}]'") from None
+
+
+def pyplot(needed_for: str, extra: str = "logging") -> ModuleType:
+    """``matplotlib.pyplot`` drawing to files only (the Agg backend: no display needed), or the one-line
+    ConfigError of :func:`optional_import` naming the extra that installs matplotlib."""
+    optional_import("matplotlib", extra, needed_for).use("Agg")
+    return importlib.import_module("matplotlib.pyplot")

@@ -185,7 +185,7 @@ def _iter_parquet(path: Path, field: str, strict: bool) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'lmzoo[hf]'") from None
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid and others
@@ -223,7 +223,7 @@ def _saved_dataset(path: Path, field: str, split: str, strict: bool) -> Source:
         import datasets
     except ImportError:
         raise DataError(
-            f"{path} is a saved data set; reading it needs `datasets` (pip install datasets)"
+            f"{path} is a saved data set; reading it needs datasets: pip install 'lmzoo[hf]'"
         ) from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
@@ -244,7 +244,7 @@ def _hub_dataset(name: str, field: str, split: str, strict: bool) -> Source:
         import datasets
     except ImportError:
         raise DataError(
-            f"{name!r} looks like a hub data set; that needs `datasets` (pip install datasets)"
+            f"{name!r} looks like a hub data set; that needs datasets: pip install 'lmzoo[hf]'"
         ) from None
     try:
         ds = datasets.load_dataset(name, split=split, streaming=True)

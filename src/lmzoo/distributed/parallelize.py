@@ -49,7 +49,10 @@ def apply_fsdp(model: nn.Module, ctx: DistContext) -> nn.Module:
     Sharding per block (not the whole model at once) lets a block's all-gather overlap the previous
     block's compute and bounds the unsharded weights alive at any time to about one block.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch 2.5 (the declared floor) has FSDP2 only under its pre-release path
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
     pc = ctx.config
     mp = MixedPrecisionPolicy(

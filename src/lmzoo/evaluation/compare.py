@@ -38,12 +38,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmzoo.common import optional_import, pyplot
 from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.formats.atomic import atomic_write_text
 
 BUDGETS = ("steps", "tokens", "flops", "time_s")
 RESULT = "result.json"
 PLOTS = {"tokens": "val_loss_vs_tokens.png", "time": "val_loss_vs_time.png", "flops": "val_loss_vs_flops.png"}
+PLOTS_NEED = "lmzoo compare (its plots)"  # what a missing matplotlib is named for
 
 
 # -- the experiment --------------------------------------------------------------------------------
@@ -341,11 +343,7 @@ def table_markdown(table: dict[str, Any]) -> str:
 
 def plot_curves(exp: dict[str, Any], out_dir: Path) -> list[Path]:
     """val loss vs tokens, vs wall time and vs training FLOPs, one line per run and seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(PLOTS_NEED)
     written = []
     for axis, fname in PLOTS.items():
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
@@ -380,6 +378,7 @@ def compare(exp: dict[str, Any], command: str | None = None, log=print, isolate:
     ``isolate=False`` trains in this process (faster to start, for tests): peak memory is then the
     process's peak so far, not the run's own.
     """
+    optional_import("matplotlib", "logging", PLOTS_NEED)  # before any training, not after it
     out_dir = Path(exp["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = _prepare_data(exp)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmzoo.common import optional_import, pyplot
 from lmzoo.errors import ConfigError, LmzooError
 
 HUBER_DELTA = 1e-3
@@ -100,7 +101,7 @@ def _projected_starts(n: np.ndarray, d: np.ndarray, loss: np.ndarray, k: int,
     *linear* in (E, A, B), so on a grid of (alpha, beta) solve a non-negative least-squares fit of
     E + A N^-alpha + B D^-beta to the losses (rows weighted by 1/L, ~ log residuals), and keep the
     ``k`` best exponent pairs. Robust where random starts of the non-convex problem are not."""
-    from scipy.optimize import nnls
+    nnls = optional_import("scipy.optimize", "scaling", "the scaling-law fit").nnls
 
     lo, hi = e_range
     exps = np.linspace(0.02, 1.5, 75)
@@ -138,7 +139,7 @@ def fit_scaling_law(
     units; ``(E, E)`` fixes it) for sweeps too small to pin E down (docs/scaling-laws.md).
     Needs >= 5 runs and scipy.
     """
-    from scipy.optimize import minimize
+    minimize = optional_import("scipy.optimize", "scaling", "the scaling-law fit").minimize
 
     n, d, loss = (np.asarray(x, dtype=np.float64) for x in (params, tokens, losses))
     if not (n.shape == d.shape == loss.shape) or n.size < 5:
@@ -195,11 +196,7 @@ def plot_fit(fit: ScalingFit, params: Sequence[float], tokens: Sequence[float], 
     """Measured loss vs tokens per model size with the fitted curves; with ``budgets`` (an IsoFLOP
     sweep) also loss vs model size per budget (each run goes to the nearest budget); the frontier,
     with each budget's best measured size. Writes a PNG to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the scaling plot", "scaling")
     n, d, loss = (np.asarray(x, dtype=float) for x in (params, tokens, losses))
     fig, axes = plt.subplots(1, 3 if budgets else 2, figsize=(16 if budgets else 11, 4.2))
     ax1, ax2 = axes[0], axes[-1]
@@ -281,9 +278,13 @@ def run_sweep(
     gets each as it ends).
 
     Each point must be a finished schedule (approach 3 fits final losses): intermediate points of
-    one long run would carry an unfinished learning-rate decay.
+    one long run would carry an unfinished learning-rate decay. The fit and plot that follow a sweep
+    need scipy and matplotlib: their absence is refused before the first run, not after the last.
     """
     import time
+
+    optional_import("scipy.optimize", "scaling", "the scaling-law fit")
+    optional_import("matplotlib", "scaling", "the scaling plot")
 
     from lmzoo.train import TrainConfig, Trainer
 

@@ -13,7 +13,7 @@ The harness asks three things of a model, all answered with lmzoo's own pieces:
   an end-of-text token onwards in windows of the model's context (perplexity tasks);
 - ``generate_until(context, {until, max_gen_toks, temperature})``: generation with stop strings.
 
-Needs ``pip install lm-eval`` (not a dependency of lmzoo); tests/test_lm_eval.py runs a local
+Needs ``pip install 'lmzoo[lm-eval]'`` (the harness); tests/test_lm_eval.py runs a local
 multiple-choice task with it, offline.
 """
 
@@ -38,7 +38,7 @@ class LmzooLM(LM):
     def __init__(self, checkpoint: str | None = None, model=None, tokenizer=None, device: str = "cpu",
                  max_length: int | None = None, batch_size: int | str = 1, **_: Any):
         if register_model is None:
-            raise ConfigError("the lm-eval adapter needs the harness: pip install lm-eval")
+            raise ConfigError("the lm-eval adapter needs lm-eval: pip install 'lmzoo[lm-eval]'")
         super().__init__()
         if model is None:
             from lmzoo.formats.load import load_any

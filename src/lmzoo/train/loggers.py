@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lmzoo.errors import ConfigError
+from lmzoo.common import optional_import
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float]:
@@ -35,13 +35,8 @@ class TensorBoardLogger:
     """Real TensorBoard event files in ``log_dir`` (``tensorboard --logdir <out_dir>/tb``)."""
 
     def __init__(self, log_dir: str | Path, config: dict[str, Any] | None = None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError(
-                "tensorboard=true needs the tensorboard package: pip install 'lmzoo[logging]'"
-            ) from None
-        self.writer = SummaryWriter(str(log_dir))
+        tb = optional_import("torch.utils.tensorboard", "logging", "tensorboard=true", package="tensorboard")
+        self.writer = tb.SummaryWriter(str(log_dir))
         if config is not None:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
 
@@ -65,10 +60,7 @@ class WandbLogger:
     """
 
     def __init__(self, out_dir: str | Path, project: str, name: str, mode: str, config: dict[str, Any]):
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("wandb=true needs the wandb package: pip install 'lmzoo[wandb]'") from None
+        wandb = optional_import("wandb", "wandb", "wandb=true")
         out_dir = Path(out_dir)
         id_file = out_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
@@ -112,14 +104,18 @@ _NVML: Any = None  # the pynvml module once initialized; False when unavailable
 
 
 def _nvml():
+    """The initialized ``pynvml`` module, or False where NVML cannot answer (tried once)."""
     global _NVML
     if _NVML is None:
         try:
             import pynvml
-
+        except ImportError:  # the nvml extra is not installed: the fields are left out
+            _NVML = False
+            return _NVML
+        try:
             pynvml.nvmlInit()
             _NVML = pynvml
-        except Exception:  # not installed, no driver: the fields are left out
+        except pynvml.NVMLError:  # no driver (NVMLError_LibraryNotFound) or no GPU: left out too
             _NVML = False
     return _NVML
 

@@ -37,6 +37,7 @@ so ``state_dict()``/``load_state_dict()`` carry both halves and the trainer's ex
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -178,7 +179,10 @@ def _orthogonalize(u: torch.Tensor, steps: int, dtype: torch.dtype | None) -> to
         DTensor = None  # noqa: N806
     if DTensor is not None and isinstance(u, DTensor):
         full = newton_schulz(u.full_tensor(), steps, dtype=dtype)
-        return distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=None)
+        # every rank holds the same full result: keep the local shard, no scatter (src_data_rank=None);
+        # torch before 2.6 lacks the argument and scatters rank 0's copy, the same values
+        local = {"src_data_rank": None} if "src_data_rank" in inspect.signature(distribute_tensor).parameters else {}
+        return distribute_tensor(full, u.device_mesh, u.placements, **local)
     return newton_schulz(u, steps, dtype=dtype)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmzoo.common import pyplot
 from lmzoo.errors import ConfigError
 from lmzoo.train.metrics import read_metrics
 
@@ -58,11 +59,7 @@ def plot_runs(
         runs.append(recs)
     labels = labels or [Path(d).resolve().name for d in run_dirs]
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("lmzoo plot")
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for i, (recs, label) in enumerate(zip(runs, labels)):
         color = f"C{i % 10}"
