@@ -310,7 +310,8 @@ def client(tok):
 
     torch.manual_seed(0)
     server = Server(lmzoo.build("gpt2-debug", vocab_size=tok.vocab_size).eval(), tok, max_tokens_limit=8)
-    return TestClient(create_app(server), raise_server_exceptions=False)
+    # the Host a loopback server answers to (TestClient's default 'testserver' is refused, as any unknown name)
+    return TestClient(create_app(server), base_url="http://127.0.0.1", raise_server_exceptions=False)
 
 
 def _post(client, path, body):

@@ -1,8 +1,14 @@
-"""lmzoo serve: a real server on loopback, a real HTTP client (and the openai client)."""
+"""lmzoo serve: a real server (``lmzoo serve`` in a subprocess) on loopback, real HTTP clients (and openai's).
+
+The module's server requires an API key (``--api-key``), as a server exposed beyond loopback would;
+every request here carries it. Requests have short timeouts: a server that hangs fails the test.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -18,6 +24,8 @@ pytest.importorskip("fastapi", reason="lmzoo serve needs FastAPI (pip install -e
 pytest.importorskip("uvicorn", reason="lmzoo serve needs uvicorn (pip install -e '.[serve]')")
 
 LIMIT = 48
+KEY = "test-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 def _free_port() -> int:
@@ -32,8 +40,10 @@ def base(tmp_path_factory):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmzoo", "serve", "--checkpoint", str(run), "--port", str(port), "--device", "cpu",
-         "--model-name", "tiny", "--max-tokens-limit", str(LIMIT), "--max-body-bytes", "4096", "--template", "raw"],
+         "--model-name", "tiny", "--max-tokens-limit", str(LIMIT), "--max-body-bytes", "4096", "--template", "raw",
+         "--api-key", KEY, "--allowed-host", "myhost.lan"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # a tiny model; and no spinning OpenMP helper (docs/serve.md)
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -56,8 +66,9 @@ def base(tmp_path_factory):
             proc.kill()
 
 
-def _complete(base: str, **body):
-    return httpx.post(base + "/v1/completions", json={"model": "tiny", "temperature": 0, **body}, timeout=60)
+def _complete(base: str, timeout: float = 60, **body):
+    return httpx.post(base + "/v1/completions", json={"model": "tiny", "temperature": 0, **body}, headers=AUTH,
+                      timeout=timeout)
 
 
 def test_completion_answers_what_the_model_learned(base):
@@ -72,7 +83,7 @@ def test_completion_answers_what_the_model_learned(base):
 
 
 def test_chat_completion(base):
-    r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+    r = httpx.post(base + "/v1/chat/completions", timeout=60, headers=AUTH, json={
         "model": "tiny", "temperature": 0, "max_tokens": 6, "messages": [{"role": "user", "content": "the cat says"}]})
     assert r.status_code == 200
     msg = r.json()["choices"][0]["message"]
@@ -83,7 +94,7 @@ def test_streaming_sends_server_sent_events(base):
     events = []
     body = {"temperature": 0, "max_tokens": 6, "stream": True,
             "messages": [{"role": "user", "content": "the cat says"}]}
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -97,7 +108,7 @@ def test_streaming_sends_server_sent_events(base):
 
 def test_malformed_json_is_a_400_with_a_message(base):
     r = httpx.post(base + "/v1/completions", content=b'{"prompt": "x",', timeout=30,
-                   headers={"content-type": "application/json"})
+                   headers={"content-type": "application/json", **AUTH})
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
     bad = _complete(base, prompt="x", temperature="hot")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
@@ -126,7 +137,7 @@ def test_twenty_concurrent_requests_are_all_answered_correctly(base):
 
 def test_the_openai_client_works_against_the_server(base):
     openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, timeout=60, max_retries=0)
     assert [m.id for m in client.models.list().data] == ["tiny"]
     c = client.completions.create(model="tiny", prompt="the cat says", max_tokens=6, temperature=0)
     assert c.choices[0].text == " meow."
@@ -136,11 +147,81 @@ def test_the_openai_client_works_against_the_server(base):
     streamed = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the cat says"}],
                                               max_tokens=6, temperature=0, stream=True)
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == " meow."
+    streamed = client.completions.create(model="tiny", prompt="the cat says", max_tokens=6, temperature=0, stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == " meow."
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", max_tokens=LIMIT + 1)
+    with pytest.raises(openai.NotFoundError):  # the served model's own name, not any
+        client.completions.create(model="gpt-4o", prompt="x", max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):  # --api-key
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
-# -- under load (issue 12): many clients, misbehaving ones, SIGTERM ------------------------------------
+def test_a_request_for_another_model_is_a_404(base):
+    r = _complete(base, model="family-name", prompt="x", max_tokens=1)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "'tiny'" in r.json()["error"]["message"]
+    assert _complete(base, model=None, prompt="the cat says", max_tokens=6).status_code == 200  # absent: the one served
+
+
+def test_a_browser_page_cannot_drive_the_server(base):
+    """DNS rebinding (a foreign Host), a cross-site form or text POST (no JSON type), no key: all refused."""
+    body = json.dumps({"prompt": "x", "max_tokens": 1})
+    rebound = httpx.post(base + "/v1/completions", content=body, timeout=10,
+                         headers={**AUTH, "content-type": "application/json", "host": "attacker.example:8000"})
+    assert rebound.status_code == 400 and "attacker.example" in rebound.json()["error"]["message"]
+    for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+        r = httpx.post(base + "/v1/completions", content=body, headers={**AUTH, "content-type": ctype}, timeout=10)
+        assert r.status_code == 415
+    assert httpx.post(base + "/v1/completions", json={"prompt": "x"}, timeout=10).status_code == 401
+    allowed = httpx.post(base + "/v1/completions", content=body, timeout=10,  # --allowed-host myhost.lan
+                         headers={**AUTH, "content-type": "application/json", "host": "myhost.lan:8000"})
+    assert allowed.status_code == 200
+
+
+def _drop_after_first_bytes(base: str, max_tokens: int) -> None:
+    body = {"prompt": "the cat says", "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, headers=AUTH, timeout=10) as r:
+        assert r.status_code == 200
+        next(r.iter_raw())  # then leave: the connection closes mid-stream
+
+
+def test_a_stream_dropped_after_its_first_bytes_does_not_wedge_the_server(base):
+    for _ in range(3):
+        _drop_after_first_bytes(base, LIMIT)
+        r = _complete(base, prompt="the cat says", max_tokens=6, timeout=15)  # answered, not queued behind a lock
+        assert r.json()["choices"][0]["text"] == " meow."
+    assert httpx.get(base + "/health", timeout=5).json()["status"] == "ok"
+
+
+async def _stream_text(client, prompt: str) -> str | None:
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return None
+        lines = [x[6:] async for x in r.aiter_lines() if x.startswith("data: ")]
+    return "".join(json.loads(x)["choices"][0]["text"] for x in lines[:-1]) if lines[-1] == "[DONE]" else None
+
+
+async def _plain_text(client, prompt: str) -> str | None:
+    r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0})
+    return r.json()["choices"][0]["text"] if r.status_code == 200 else None
+
+
+@pytest.mark.parametrize("plain,streams", [(0, 41), (30, 20)])
+def test_many_concurrent_streams_and_plain_requests_never_deadlock(base, plain, streams):
+    """More streams than a thread pool has threads, and plain requests beside them: every one answered."""
+
+    async def run():
+        limits = httpx.Limits(max_connections=plain + streams)
+        async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=30, limits=limits) as client:
+            return await asyncio.gather(*[_plain_text(client, "the cat says") for _ in range(plain)],
+                                        *[_stream_text(client, "the cat says") for _ in range(streams)])
+
+    assert asyncio.run(run()) == [" meow."] * (plain + streams)
+
+
+# -- under load: many clients, misbehaving ones, dropped streams, slow readers, SIGTERM -----------------
 
 
 def _serve_load():
@@ -168,6 +249,21 @@ def test_server_under_load_with_bad_clients_then_sigterm(tmp_path_factory):
     pytest.importorskip("psutil")
     run = tiny_run(tmp_path_factory.getbasetemp() / "tiny_run")
     _check_load(_serve_load().run_load(str(run), clients=50, n_bad=2, read_timeout=1.5), 50)
+
+
+def test_after_dropped_streams_and_mixed_load_every_request_is_answered_and_the_server_returns_to_baseline(
+        tmp_path_factory):
+    """20 streams dropped after their first bytes, then 100 requests at once (50 streaming, 5 of them read
+    slowly): every answer right, the dropped streams' work cancelled, threads and memory back to the baseline."""
+    pytest.importorskip("psutil")
+    run = tiny_run(tmp_path_factory.getbasetemp() / "tiny_run")
+    r = _serve_load().run_mixed(str(run), plain=50, streams=50, slow=5, dropped=20, slow_read_s=0.3)
+    assert r["answered_right_plain"] == 50 and r["answered_right_streams"] == 50
+    assert r["dropped_got_bytes"] == 20 and r["dropped_cancelled"] == 20
+    assert r["dropped_tokens"] < r["dropped_tokens_asked"] / 4  # stopped at once, not run to max_tokens
+    assert r["idle_after"]
+    assert r["threads_after"] == r["threads_before"]  # no thread per request or per connection left behind
+    assert r["rss_after_mb"] - r["rss_before_mb"] < 16  # nothing of 120 requests kept
 
 
 @pytest.mark.slow

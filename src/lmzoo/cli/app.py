@@ -335,7 +335,9 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"serve: unrecognized arguments: {' '.join(extra)}")
     serve(args.checkpoint, host=args.host, port=args.port, device=args.device, model_name=args.model_name,
           max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes, template=args.template,
-          read_timeout_s=args.read_timeout, max_connections=args.max_connections)
+          read_timeout_s=args.read_timeout, max_connections=args.max_connections, api_key=args.api_key,
+          allowed_hosts=args.allowed_host, queue_size=args.queue_size, max_request_tokens=args.max_request_tokens,
+          stall_timeout_s=args.stall_timeout)
     return 0
 
 
@@ -505,10 +507,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP endpoint (needs lmzoo[serve])",
                         description="Serve a checkpoint: /v1/completions, /v1/chat/completions (docs/serve.md).")
     sv.add_argument("--checkpoint", required=True, help="checkpoint, run directory, or Hugging Face directory")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only: no authentication)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--model-name", default=None, help="the model id clients use (default: the family)")
+    sv.add_argument("--model-name", default=None,
+                    help="the model id clients use (default: the checkpoint's name); other names get a 404")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1 requests (or set LMZOO_API_KEY)")
+    sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="a Host name to serve besides the bound address (repeatable; '*': any)")
     sv.add_argument("--max-tokens-limit", type=int, default=512, help="larger max_tokens get a 400")
+    sv.add_argument("--max-request-tokens", type=int, default=None,
+                    help="cap on prompts x n x max_tokens per request (default 4 x --max-tokens-limit); over: 400")
+    sv.add_argument("--queue-size", type=int, default=128,
+                    help="generations that may wait for the model; beyond: 503 with Retry-After")
+    sv.add_argument("--stall-timeout", type=float, default=60.0,
+                    help="seconds without a new token before /health reports the generation stalled")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
     sv.add_argument("--template", choices=["transcript", "raw"], default="transcript", help="chat formatting")
     sv.add_argument("--read-timeout", type=float, default=10.0, help="seconds to send headers, and the body")

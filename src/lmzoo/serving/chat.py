@@ -21,7 +21,7 @@ Commands: ``/reset`` forgets the history, ``/exit`` (or end of input) quits, ``/
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -80,13 +80,16 @@ class StopStrings:
 
 def stream_text(
     model, tokenizer, prompt: str, max_new_tokens: int, stops: Sequence[str] = (), info: dict | None = None,
-    **sampling: Any,
+    progress: Callable[[], bool] | None = None, **sampling: Any,
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces, one per step (multi-byte characters whole),
     ending at end-of-text or at a stop string (not included).
 
     ``info`` (optional) receives ``prompt_tokens``, ``completion_tokens`` and ``finish_reason``
     ("stop": end-of-text or a stop string, "length": ``max_new_tokens`` reached), OpenAI's fields.
+    ``progress`` (optional) is called after every generated token, yielded or held back; when it
+    returns False the generation ends there (``finish_reason`` "cancelled"): a server stops the
+    work of a client that has gone without waiting for the next piece to be shown.
     """
     from lmzoo.decoding.generate import stream
 
@@ -106,6 +109,9 @@ def stream_text(
     for toks in stream(model, [ids], max_new_tokens, stop_tokens=eos, **sampling):
         t = int(toks[0])
         info["completion_tokens"] += 1
+        if progress is not None and not progress():
+            info["finish_reason"] = "cancelled"
+            return
         if t in eos:
             info["finish_reason"] = "stop"
             break
