@@ -9,7 +9,6 @@ exit code 2, not N copies of it inside torchrun's failure report.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from typing import Any
@@ -37,24 +36,25 @@ def check(cfg: Any, nproc: int) -> None:
         accumulation_steps(cfg.global_batch, cfg.batch_size, nproc if pc.data_parallel else 1)
 
 
-def train_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
+def worker_argv(argv: list[str]) -> list[str]:
     """The ``lmzoo train`` arguments each worker gets: the same settings, without ``--nproc``."""
-    argv = ["train"]
-    if args.config:
-        argv += ["--config", args.config]
-    if args.resume:
-        argv.append("--resume")
-    if getattr(args, "profile", False):
-        argv.append("--profile")
-    return argv + list(extra)
+    out, skip = [], False
+    for a in argv[1:] if argv[:1] == ["train"] else argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return ["train", *out]
 
 
-def launch(args: argparse.Namespace, extra: list[str], cfg: Any) -> int:
-    """Check the layout, then run torchrun with ``args.nproc`` workers; its exit code, explained."""
-    check(cfg, args.nproc)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "lmzoo", *train_argv(args, extra)]
-    print(f"lmzoo: starting {args.nproc} processes: {' '.join(cmd[1:])}", flush=True)
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run torchrun with ``nproc`` workers of ``lmzoo <argv>`` (layout checked first by :func:`check`); its
+    exit code, explained."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "lmzoo", *argv]
+    print(f"lmzoo: starting {nproc} processes: {' '.join(cmd[1:])}", flush=True)
     try:
         rc = subprocess.run(cmd).returncode
     except KeyboardInterrupt:  # torchrun got the same signal and stops its workers

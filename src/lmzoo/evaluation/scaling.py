@@ -270,7 +270,7 @@ def run_sweep(
     source: str, out_dir: str, depths: Sequence[int] = (1, 2, 3), steps: Sequence[int] = (40, 80, 160),
     aspect: int = 32, head_dim: int = 16, batch_size: int = 8, block_size: int = 64, tokenizer: str = "char",
     log=print, plan: Sequence[tuple[int, int]] | None = None, eval_iters: int = 10, data_dir: str | None = None,
-    base_lr: float = 3e-3,
+    base_lr: float = 3e-3, overwrite: bool = False,
 ) -> list[dict[str, float]]:
     """Train one GPT per (depth, steps) pair on ``source``; each a finished cosine run. The pairs are
     ``plan`` when given (e.g. from :func:`isoflop_plan`), else every depth x every step count.
@@ -300,6 +300,7 @@ def run_sweep(
             out_dir=str(Path(out_dir) / f"d{depth}-s{n_steps}"), max_steps=n_steps, eval_interval=0,
             eval_iters=eval_iters, batch_size=batch_size, block_size=block_size, lr=dial["lr"], min_lr=dial["lr"] / 10,
             warmup_steps=max(1, n_steps // 10), progress=False, sample_tokens=0, threads=1, keep_last=1,
+            overwrite=overwrite,  # an earlier sweep's runs in out_dir are refused unless replaced
         )
         t0 = time.time()
         trainer = Trainer(cfg)

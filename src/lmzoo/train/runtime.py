@@ -1,4 +1,4 @@
-"""Process-level helpers of a run: the device, the data directory name, and RNG state capture.
+"""Process-level helpers of a run: the data directory (:func:`data_plan`), and RNG state capture.
 
 Everything random in a step (dropout, data order via the loader's step counter) is restored
 from a checkpoint by :func:`set_rng_state`, which is what makes ``resume=True`` bit-exact.
@@ -6,6 +6,8 @@ from a checkpoint by :func:`set_rng_state`, which is what makes ``resume=True`` 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -13,14 +15,70 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmzoo.data.prepare import META_NAME, resolve_source, source_name
+from lmzoo.errors import ConfigError, DataError
 from lmzoo.train.config import TrainConfig
 
 
+def _source(cfg: TrainConfig) -> str:
+    """The corpus a run reads: its ``source`` (or ``input`` alone), the built-in stdlib when neither is named."""
+    return resolve_source(cfg.source if cfg.source or cfg.input else "stdlib", cfg.input)
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:6]
+
+
 def default_data_dir(cfg: TrainConfig) -> Path:
-    src = Path(cfg.source).stem if ("/" in cfg.source or "." in cfg.source) else cfg.source
-    tok = Path(cfg.tokenizer).name if "/" in cfg.tokenizer else cfg.tokenizer
+    """``data/<source>-<tokenizer>``; a source or tokenizer that is a path of one's own gets a short hash of
+    where it is, so that two files named ``my.txt`` (or two checkpoints' ``tokenizer/``) never share one."""
+    source = _source(cfg)
+    name = source_name(source)
+    if Path(name).is_absolute():
+        src = f"{Path(name).stem}-{_short_hash(name)}"
+    else:
+        src = Path(source).stem if ("/" in source or "." in source) else source
+    tok = cfg.tokenizer
+    if "/" in tok or Path(tok).exists():
+        tok = f"{Path(tok).name}-{_short_hash(str(Path(tok).resolve()))}"
     suffix = f"{tok}{cfg.vocab_size}" if cfg.vocab_size else tok
     return Path("data") / f"{src}-{suffix}"
+
+
+def data_plan(cfg: TrainConfig) -> tuple[Path, str | None]:
+    """``(data directory, source to prepare into it first or None)`` for a run, checked before anything is
+    written: a ``data_dir`` that is not a prepared data set is an error unless a source to prepare is named,
+    and a prepared one made from another source than the one named is refused."""
+    if cfg.data_dir:
+        d = Path(cfg.data_dir)
+        named = cfg.source or cfg.input
+        if not (d / META_NAME).is_file():
+            if not named:
+                what = "no such directory" if not d.exists() else f"not a prepared data set (no {META_NAME})"
+                raise DataError(
+                    f"data_dir {d}: {what}; name a --source to prepare into it, or prepare it first "
+                    f"(lmzoo prepare SOURCE --out {d})"
+                )
+            return d, _source(cfg)
+    else:
+        d, named = default_data_dir(cfg), True
+        if not (d / META_NAME).is_file():
+            return d, _source(cfg)
+    if named:
+        _check_prepared_from(d, source_name(_source(cfg)))
+    return d, None
+
+
+def _check_prepared_from(data_dir: Path, name: str) -> None:
+    try:
+        was = json.loads((data_dir / META_NAME).read_text(encoding="utf-8")).get("source_name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return  # load_meta reports a broken meta.json
+    if was is not None and was != name:  # older data sets record no source_name: nothing to compare
+        raise ConfigError(
+            f"data_dir {data_dir} was prepared from {was}, not {name}; choose another --data_dir for this source "
+            "(or leave out --source to train on the prepared data)"
+        )
 
 
 def rng_state() -> dict[str, Any]:
