@@ -8,6 +8,7 @@ subclass of :class:`LmzooError` with a one-line message that names the problem. 
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
 
 
@@ -33,6 +34,31 @@ class ResourceError(LmzooError):
     """Out of memory (or another resource) for the sizes asked for; exit code 3, not a usage error."""
 
     exit_code = 3
+
+
+QUOTE_CHARS = 200  # the most of a user's value an error message repeats
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib with integers too long to print (Python refuses over 4,300 digits) named by their size."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 3 * self.maxlong:  # more than ~maxlong digits: never convert it whole
+            return f"<an integer of about {int(x.bit_length() * 0.30103) + 1:,} digits>"
+        return super().repr_int(x, level)
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for error messages.
+
+    A bad value may be megabytes long (a YAML alias expansion, a pasted file): the message names it,
+    it does not repeat it. Built with :mod:`reprlib`, so a huge container or integer is never
+    rendered whole before being cut."""
+    r = _ShortRepr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 8, 8, 8, 8
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
