@@ -108,7 +108,7 @@ def test_cli_bad_instruction_file_is_one_line(tmp_path, capsys):
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
     code = main(["finetune", str(tmp_path / "base"), f"--instruct={bad}", f"--out_dir={tmp_path / 'r'}"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "bad.jsonl:2: not JSON" in err and "Traceback" not in err
+    assert code == 2 and err.count("\n") == 1 and "bad.jsonl:2: not valid JSON" in err and "Traceback" not in err
 
 
 def test_without_packing_each_example_is_trained_exactly_as_it_is_seen_alone(tmp_path):

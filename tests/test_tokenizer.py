@@ -230,7 +230,7 @@ def test_gpt2_files_match_transformers(tmp_path: Path, bpe: HFTokenizer) -> None
         ({}, "no tokenizer in"),
         ({"tokenizer.json": "{not json"}, "is not a tokenizers file"),
         ({"tokenizer.json": "{}"}, "is not a tokenizers file"),
-        ({"tokenizer_config.json": "[1, 2"}, "is not valid JSON"),
+        ({"tokenizer_config.json": "[1, 2"}, "not valid JSON"),
         ({"tokenizer_config.json": '{"lmzoo_tokenizer": 1, "kind": "bytes"}'}, "did you mean: byte"),
         ({"tokenizer_config.json": '{"lmzoo_tokenizer": 99, "kind": "byte"}'}, "format 99"),
         ({"tokenizer_config.json": '{"lmzoo_tokenizer": 1, "kind": "bpe"}'}, "tokenizer.json is missing"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -16,9 +18,40 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from lmzoo.errors import ConfigError, LmzooError, suggest
+from lmzoo.common import fmt_bytes
+from lmzoo.errors import ConfigError, LmzooError, quote, suggest
 
 C = TypeVar("C", bound="Config")
+
+
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # what torch and NumPy integers hold
+
+
+def _to_int(name: str, value: Any) -> int:
+    """An integer setting from an int, an integral float or a string ("1e6", "10_000"), within 64 bits."""
+    out = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        out = value
+    elif isinstance(value, float) and value.is_integer():
+        out = int(value)
+    elif isinstance(value, str):
+        try:
+            f = float(value.replace("_", ""))
+        except ValueError:
+            f = None
+        if f is not None and f.is_integer():
+            out = int(f)
+    if out is None:
+        raise ConfigError(f"{name}: expected an integer, got {quote(value)}")
+    if not INT_MIN <= out <= INT_MAX:
+        raise ConfigError(f"{name}: {quote(out)} does not fit in a 64-bit integer")
+    return out
+
+
+def convert(name: str, value: Any, tp: Any) -> Any:
+    """``value`` as the annotated type ``tp`` (the conversion every Config field gets: strings parsed, NaN and
+    infinities refused, integers within 64 bits), or a ConfigError naming ``name``."""
+    return _convert(name, value, tp)
 
 
 def _convert(name: str, value: Any, tp: Any) -> Any:
@@ -40,26 +73,32 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
                 return _convert(name, value, a)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{name}: invalid value {quote(value)}")
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
             raise ConfigError(
-                f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}"
+                f"{name}: {quote(value)} is not one of {', '.join(map(repr, choices))}"
                 + (suggest(str(value), [str(c) for c in choices]) if isinstance(value, str) else "")
             )
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            if value.strip().startswith("["):
+                try:
+                    value = load_yaml_text(value, name)
+                except (yaml.YAMLError, ValueError):
+                    raise ConfigError(f"{name}: expected a list, got {quote(value)}") from None
+            else:
+                value = value.split(",")
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
+            raise ConfigError(f"{name}: expected a list, got {quote(value)}")
         (inner,) = get_args(tp)[:1] or (Any,)
         out = [_convert(name, v, inner) for v in value]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{name}: expected a mapping, got {quote(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -70,32 +109,22 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
             return False
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        raise ConfigError(f"{name}: expected true or false, got {quote(value)}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value.replace("_", ""))
-            except ValueError:
-                f = None
-            if f is not None and f.is_integer():
-                return int(f)
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return _to_int(name, value)
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
+            raise ConfigError(f"{name}: expected a number, got {quote(value)}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+            f = float(value)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond any float
+            raise ConfigError(f"{name}: expected a number, got {quote(value)}") from None
+        if not math.isfinite(f):  # NaN passes every "< 0" check: refuse it where it enters
+            raise ConfigError(f"{name} must be a finite number, got {quote(value)}")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
+            raise ConfigError(f"{name}: expected a string, got {quote(value)}")
         return str(value)
     return value
 
@@ -118,6 +147,26 @@ def check_sizes(cfg: Any) -> None:
         v = getattr(cfg, name, None)
         if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= limit:
             raise ConfigError(f"{name} must be in 0..{limit:,}, got {v:,}")
+
+
+PARALLEL_PER_CORE = 4  # threads or worker processes per CPU core beyond which only contention grows
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. in a container)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_parallelism(name: str, n: int | None) -> None:
+    """Refuse a thread or process count above PARALLEL_PER_CORE x the cores (``--threads=2000`` on two
+    cores only thrashes the machine: a load average of hundreds, no speed-up)."""
+    limit = PARALLEL_PER_CORE * cpu_cores()
+    if n is not None and n > limit:
+        raise ConfigError(f"{name} must be at most {limit} ({PARALLEL_PER_CORE} x the {cpu_cores()} CPU cores), "
+                          f"got {n:,}")
 
 
 @dataclasses.dataclass
@@ -149,7 +198,7 @@ class Config:
         names = cls.field_names()
         for k in d:
             if k not in names:
-                raise ConfigError(f"unknown key {k!r} for {cls.__name__}" + suggest(k, names))
+                raise ConfigError(f"unknown key {quote(k)} for {cls.__name__}" + suggest(k, names))
         return cls(**d)
 
     def replace(self: C, **overrides: Any) -> C:
@@ -163,30 +212,145 @@ class Config:
         return cls.from_dict(read_json(path))
 
 
-def read_json(path: str | Path, error: type[LmzooError] = ConfigError) -> dict[str, Any]:
-    """Read a JSON object, with a one-line ``error`` for a missing or malformed file."""
+# Bounds on settings files read from disk. A file may come from someone else: a 3 GB config.json, or
+# brackets nested 100,000 deep, must be one error line, not a read of the whole file or a RecursionError
+# (Python's JSON and YAML parsers recurse once per level). Real settings are kilobytes and a few levels
+# deep; a GPT-2-style vocab.json (the largest JSON lmzoo parses itself) is about 1 MB.
+JSON_MAX_BYTES = 64 << 20
+YAML_MAX_BYTES = 1 << 20  # a training recipe
+MAX_NESTING = 64  # containers inside containers
+YAML_MAX_NODES = 100_000  # values of a YAML document with every alias expanded
+
+
+def read_bounded(path: str | Path, max_bytes: int, error: type[LmzooError] = ConfigError) -> bytes:
+    """The bytes of a file of at most ``max_bytes``, refused (one ``error`` line) before reading a larger one.
+
+    The size is taken from the opened file (a symlink's target), and at most ``max_bytes + 1`` bytes are
+    read, so a device or a file that grows while read cannot make it read more."""
     p = Path(path)
     if not p.is_file():
         raise error(f"{p}: no such file")
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise error(f"{p}: {fmt_bytes(size)}, larger than the {fmt_bytes(max_bytes)} such a file may be")
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise error(f"{p}: cannot read it ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise error(f"{p}: larger than the {fmt_bytes(max_bytes)} such a file may be")
+    return data
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Whether JSON-like ``obj`` nests containers more than ``limit`` deep (iterative: any depth is safe)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, depth = stack.pop()
+        children = o.values() if isinstance(o, dict) else o if isinstance(o, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def loads_json(text: str | bytes, where: str | Path, error: type[LmzooError] = ConfigError) -> Any:
+    """Parse JSON from an untrusted source: malformed, too deeply nested (more than MAX_NESTING) or holding an
+    integer too long for Python (over 4,300 digits) is one ``error`` line naming ``where``."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply (more than {MAX_NESTING} levels)") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError, as is a 5,000-digit integer
+        raise error(f"{where}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    # fewer opening brackets than the limit (counting those inside strings too): it cannot nest deeper
+    opening = text.count("[") + text.count("{") if isinstance(text, str) else text.count(b"[") + text.count(b"{")
+    if opening > MAX_NESTING and _too_deep(obj, MAX_NESTING):
+        raise error(f"{where}: JSON nested too deeply (more than {MAX_NESTING} levels)")
+    return obj
+
+
+def read_json(path: str | Path, error: type[LmzooError] = ConfigError, max_bytes: int = JSON_MAX_BYTES,
+              mapping: bool = True) -> Any:
+    """Read a JSON file (an object unless ``mapping=False``) with bounds: at most ``max_bytes``, nested at
+    most MAX_NESTING deep. A missing, oversized or malformed file is a one-line ``error``."""
+    p = Path(path)
+    d = loads_json(read_bounded(p, max_bytes, error), p, error)
+    if mapping and not isinstance(d, dict):
         raise error(f"{p}: expected a JSON object")
     return d
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with a one-line error for a missing or malformed file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such file")
+class _BoundedYamlLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses alias bombs: the document is measured as if every alias were
+    expanded (nodes and depth) before anything is built from it.
+
+    Aliases make the node graph a DAG: ``a: &a [x, x]; b: &b [*a, *a]; ...`` is 255 bytes that expand to
+    billions of values, cheap to load (shared objects) but not to print, copy or serialize. A DAG's
+    expanded size is counted in linear time by memoizing each node's size; an alias to a node still being
+    composed (a cycle) is refused too."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _expanded_size(node, {}, 1)
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, tuple[int, int]], depth: int) -> int:
+    """Values under ``node`` with aliases expanded (memoized in ``sizes``: id -> (size, height))."""
+    key = id(node)
+    if key in sizes:
+        size, height = sizes[key]
+        if size < 0:
+            raise ConfigError("a YAML alias refers to the value that contains it")
+        if depth + height - 1 > MAX_NESTING:
+            raise ConfigError(f"YAML nested more than {MAX_NESTING} levels (aliases expanded)")
+        return size
+    if depth > MAX_NESTING:
+        raise ConfigError(f"YAML nested more than {MAX_NESTING} levels (aliases expanded)")
+    sizes[key] = (-1, 0)
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    size, height = 1, 1
+    for child in children:
+        size += _expanded_size(child, sizes, depth + 1)
+        height = max(height, 1 + sizes[id(child)][1])
+        if size > YAML_MAX_NODES:
+            raise ConfigError(f"YAML expands to more than {YAML_MAX_NODES:,} values (nested aliases?)")
+    sizes[key] = (size, height)
+    return size
+
+
+def load_yaml_text(text: str, where: str | Path = "YAML") -> Any:
+    """``yaml.safe_load`` within the bounds of a recipe: alias bombs, cycles and deep nesting are a
+    ConfigError naming ``where``; malformed YAML raises ``yaml.YAMLError`` (or ValueError for an integer
+    too long for Python) for the caller to word."""
     try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        msg = str(e).replace("\n", " ")
-        raise ConfigError(f"{p}: not valid YAML ({msg})") from None
+        return yaml.load(text, Loader=_BoundedYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # the composer recurses once per level, before any bound is checked
+        raise ConfigError(f"{where}: YAML nested too deeply (more than {MAX_NESTING} levels)") from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping (at most YAML_MAX_BYTES, aliases expanded to at most YAML_MAX_NODES values),
+    with a one-line error for a missing, oversized or malformed file."""
+    p = Path(path)
+    raw = read_bounded(p, YAML_MAX_BYTES)
+    try:
+        d = load_yaml_text(raw.decode("utf-8"), p)
+    except (UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{p}: not valid YAML ({msg[:200]})") from None
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -204,14 +368,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         s = item[2:] if item.startswith("--") else item
         if "=" not in s:
-            raise ConfigError(f"override {item!r} is not of the form --key=value")
+            raise ConfigError(f"override {quote(item)} is not of the form --key=value")
         key, raw = s.split("=", 1)
         key = key.strip().replace("-", "_")
         if not key:
-            raise ConfigError(f"override {item!r} has an empty key")
+            raise ConfigError(f"override {quote(item)} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml_text(raw, f"--{key}") if raw.strip() else ""
+        except (yaml.YAMLError, ValueError):
             value = raw
         out[key] = value
     return out

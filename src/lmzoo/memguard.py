@@ -203,3 +203,53 @@ def _message(prefix: str, family: str, n: int, est: int, avail: int, device: tor
     return (f"{prefix}the {family} model needs {'at least ' if at_least else ''}about {fmt_bytes(est)} "
             f"({n:.3g} parameters, {what} in {dt}) but {device.type} has {fmt_bytes(avail)} available; {tips}; "
             f"set {ENV}=1 to try anyway")
+
+
+class BatchTooLargeError(ConfigError):
+    """A micro-batch whose activations (a lower bound) cannot fit beside the model (exit code 2)."""
+
+
+def batch_lower_bound(cfg: Any, batch_size: int, block_size: int, dtype: torch.dtype | None = None,
+                      stages: int = 1) -> tuple[int, int]:
+    """(device bytes, CPU bytes) one training micro-batch needs at the least, beyond the weights.
+
+    Device: every block keeps at least its input, ``(batch, block, width)`` in the compute dtype, for the
+    backward pass (activation checkpointing keeps exactly that); a pipeline stage holds ``n_layer / stages``
+    blocks. CPU: the loader's ``(batch, block + 1)`` int64 window array and the input and target id tensors
+    made from it. Real use is higher (attention, MLP and logits activations), so a batch refused here
+    cannot fit."""
+    width = max(_int(cfg, "n_embd"), _int(cfg, "d_model"))
+    layers = max(1, _int(cfg, "n_layer") // max(1, stages))
+    tokens = batch_size * block_size
+    device = tokens * width * layers * _BYTES.get(dtype or torch.float32, 4) + 2 * tokens * 8
+    cpu = batch_size * (block_size + 1) * 8 + 2 * tokens * 8
+    return device, cpu
+
+
+def check_batch_fits(cfg: Any, batch_size: int, block_size: int, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None, model_bytes: int | None = None, stages: int = 1,
+                     where: str = "", check: bool = True) -> None:
+    """Raise BatchTooLargeError when one micro-batch of ``batch_size x block_size`` tokens cannot fit
+    beside the model's ``model_bytes`` (weights, gradients, optimizer state: :func:`check_fits`'s estimate).
+
+    Called before a run writes anything, so ``--batch_size=1000000000`` is one line instead of a NumPy
+    allocation error after the run's config and metrics were written."""
+    if not check or os.environ.get(ENV, "").strip() not in ("", "0") or not block_size:
+        return
+    device = torch.device(device)
+    need_device, need_cpu = batch_lower_bound(cfg, batch_size, block_size, dtype, stages)
+    # (device, bytes of the batch there, bytes already taken there by the model)
+    if device.type == "cpu":
+        checks = [(device, need_device + need_cpu, model_bytes or 0)]
+    else:
+        checks = [(device, need_device, model_bytes or 0), (torch.device("cpu"), need_cpu, 0)]
+    for dev, need, base in checks:
+        avail = available_bytes(dev)
+        if avail is not None and base + need > avail:
+            prefix = f"{where}: " if where else ""
+            beside = f" beside the model's {fmt_bytes(base)}" if base else ""
+            raise BatchTooLargeError(
+                f"{prefix}a micro-batch of batch_size {batch_size:,} x block_size {block_size:,} needs at least "
+                f"about {fmt_bytes(need)} on {dev.type}{beside} but {dev.type} has {fmt_bytes(avail)} available; "
+                f"lower --batch_size (raise --grad_accum to keep the tokens per step) or --block_size; set {ENV}=1 "
+                "to try anyway")

@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from lmzoo.config import SIZE_LIMITS, read_json
 from lmzoo.errors import CheckpointError, ConfigError, DataError, suggest
 from lmzoo.formats.atomic import atomic_write_text
 
@@ -403,6 +404,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[st
             f"vocab_size {vocab_size} is too small for byte-level BPE: it needs at least {minimum} "
             f"(256 bytes + {len(special_tokens)} special tokens)"
         )
+    if vocab_size > SIZE_LIMITS["vocab_size"]:  # tokenizers aborts the process (a Rust panic) on 10**12
+        raise ConfigError(f"vocab_size must be at most {SIZE_LIMITS['vocab_size']:,}, got {vocab_size:,}")
     tk = RustTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -457,10 +460,7 @@ def _rust_tokenizer_from_file(path: Path) -> Any:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path, CheckpointError, mapping=False)  # size- and depth-bounded: the file may be anyone's
 
 
 def _hf_eos_token(directory: Path) -> str | None:
@@ -469,8 +469,8 @@ def _hf_eos_token(directory: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        value = read_json(path, CheckpointError).get("eos_token")
+    except CheckpointError:
         return None
     return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from lmzoo.cli.bench import add_bench_parser
 from lmzoo.cli.info import cmd_info
 from lmzoo.errors import ConfigError, LmzooError
+from lmzoo.formats.atomic import REMEDY
 
 
 class _Parser(argparse.ArgumentParser):
@@ -247,6 +248,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"eval: unrecognized arguments: {' '.join(extra)}")
     if not (args.data_dir or args.text or args.task):
         raise ConfigError("eval: give --data-dir DIR (with --split), --text FILE or --task FILE.jsonl")
+    ev.check_eval_settings(args.batch_size, args.block_size, args.max_tokens, args.limit)  # before loading
     model, tok = load_any(args.checkpoint, device=str(resolve_device(args.device)))
     results: dict = {"checkpoint": args.checkpoint}
     if args.data_dir:
@@ -561,7 +563,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os._exit(0)
     except OSError as e:  # disk full, permission denied, ...: one line, the previous state is intact
         where = f" ({str(e.filename)[:200]})" if e.filename else ""
-        print(f"lmzoo: error: {_one_line(str(e.strerror or e) + where)}", file=sys.stderr)
+        # what to do about it, unless the message already says (the trainer's names the intact checkpoint)
+        remedy = f"; {REMEDY[e.errno]}" if e.filename and e.errno in REMEDY else ""
+        print(f"lmzoo: error: {_one_line(str(e.strerror or e) + where + remedy)}", file=sys.stderr)
         # a path the user gave that cannot be one (too long, a file where a directory belongs): a usage error
         return 2 if e.errno in (errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EINVAL) else 1
 

@@ -24,10 +24,16 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from lmzoo.config import SIZE_LIMITS, check_parallelism, read_json
 from lmzoo.data.sources import SAFE_CUT, Source, open_source
-from lmzoo.errors import ConfigError, DataError, suggest
+from lmzoo.errors import ConfigError, DataError, quote, suggest
 from lmzoo.formats.atomic import atomic_write_text, fsync_dir
 from lmzoo.tokenizer import EOT, KINDS, Tokenizer, build_tokenizer, load_tokenizer, to_bytes
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -247,6 +253,29 @@ def _publish(tmp: Path, out: Path, meta: dict[str, Any]) -> None:
     atomic_write_text(out / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
+TEMP_PREFIX, LOCK_NAME = ".prepare-", ".prepare.lock"
+
+
+def _claim(out: Path) -> int:
+    """Lock ``out`` for one prepare and remove what a killed earlier one left (its ``.prepare-*`` temporary
+    directory, as large as the token files); returns the lock's file descriptor, to close when done.
+
+    The lock is an ``fcntl.lockf`` record lock on ``out/.prepare.lock``: the kernel drops it when its process
+    ends, SIGKILL included, and the forked tokenizer workers do not inherit it, so a temporary found while
+    holding it belongs to no running prepare. A second prepare into the same directory is refused."""
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is not None:  # elsewhere than POSIX: no lock, and no cleanup (it could not tell stale from busy)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DataError(f"{out}: another prepare is writing into this directory; wait for it to end") from None
+        for stale in out.glob(TEMP_PREFIX + "*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+    return fd
+
+
 def prepare(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -280,6 +309,7 @@ def prepare(
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if workers is not None and workers < 0:
         raise ConfigError(f"workers must be >= 0, got {workers}")
+    check_parallelism("workers", workers)
     resolved = _resolve_tokenizer(tokenizer)
     strict = resolved == "char" or getattr(resolved, "kind", None) == "char"
     src = open_source(
@@ -299,7 +329,8 @@ def prepare(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))  # hidden: folder sources skip it
+    lock = _claim(out)  # one prepare at a time per directory; a killed one's temporaries removed
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out))  # hidden: folder sources skip it
     try:
         tok.save(tmp / "tokenizer")
         total_chars = sum(len(t) for t in src.texts()) if src.single_text else None
@@ -341,14 +372,48 @@ def prepare(
         _publish(tmp, out, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)  # releases the lock
     return out
+
+
+TOKEN_DTYPES = ("uint16", "uint32")  # what token_dtype gives
+
+
+def check_meta(meta: dict[str, Any], path: str | os.PathLike) -> None:
+    """DataError naming the field of a ``meta.json`` that is missing, of the wrong type or out of range.
+
+    The file may have been edited or come from elsewhere: ``"format_version": "1"``, an unknown dtype, or
+    ``"dtype": "int8"`` (which would read every id as a different one and train on them silently) are
+    refused, as is a dtype other than the one :func:`token_dtype` gives for the vocabulary."""
+    missing = [k for k in ("format_version", "dtype", "vocab_size", "train_tokens", "val_tokens") if k not in meta]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; prepare the data again")
+    for k in ("format_version", "vocab_size", "train_tokens", "val_tokens"):
+        v = meta[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 2**62:
+            raise DataError(f"{path}: {k} must be a non-negative integer, got {quote(v)}; prepare the data again")
+    if not 1 <= meta["format_version"] <= FORMAT_VERSION:
+        newer = " (newer than this lmzoo reads)" if meta["format_version"] > FORMAT_VERSION else ""
+        raise DataError(f"{path}: unknown data format {meta['format_version']}{newer}; this lmzoo reads "
+                        f"1..{FORMAT_VERSION}")
+    vocab = meta["vocab_size"]
+    if not 1 <= vocab <= SIZE_LIMITS["vocab_size"]:
+        raise DataError(f"{path}: vocab_size must be in 1..{SIZE_LIMITS['vocab_size']:,}, got {vocab:,}")
+    dtype, want = meta["dtype"], np.dtype(token_dtype(vocab)).name
+    if dtype not in TOKEN_DTYPES:
+        raise DataError(f"{path}: dtype {quote(dtype)} is not a token dtype lmzoo writes ({', '.join(TOKEN_DTYPES)})")
+    if dtype != want:
+        raise DataError(f"{path}: dtype {dtype} does not match a vocabulary of {vocab:,} (ids are stored as {want})")
+    eos = meta.get("eos_id")
+    if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < vocab):
+        raise DataError(f"{path}: eos_id must be null or an id below vocab_size {vocab:,}, got {quote(eos)}")
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     """``meta.json`` of a prepared data set, after checking the token files match it.
 
-    Raises DataError when ``data_dir`` is missing, not prepared (no meta.json), written by a newer
-    format, or its ``.bin`` files are truncated.
+    Raises DataError when ``data_dir`` is missing, not prepared (no meta.json), its meta.json is malformed
+    (:func:`check_meta`) or written by a newer format, or its ``.bin`` files are truncated.
     """
     d = Path(data_dir)
     if not d.is_dir():
@@ -358,19 +423,8 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise DataError(
             f"{d} is not a prepared data set (no {META_NAME}); make one with `lmzoo prepare SOURCE {d}`"
         )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e})") from None
-    missing = [
-        k for k in ("format_version", "dtype", "vocab_size", "train_tokens", "val_tokens") if k not in meta
-    ]
-    if missing:
-        raise DataError(f"{path} lacks {', '.join(missing)}; prepare the data again")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise DataError(
-            f"{path}: data format {meta['format_version']} is newer than this lmzoo reads ({FORMAT_VERSION})"
-        )
+    meta = read_json(path, DataError, max_bytes=1 << 20)
+    check_meta(meta, path)
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
         f = d / f"{split}.bin"

@@ -149,6 +149,8 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
                 raise _not_utf8(f"{path}:{lineno}", start + e.start, raw[e.start]) from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+            except (RecursionError, ValueError):  # nested past Python's recursion limit, a 5,000-digit number
+                raise DataError(f"{path}:{lineno}: a JSON record nested too deeply or with a number too long") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             if field not in record:

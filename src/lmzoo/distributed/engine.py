@@ -26,6 +26,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from lmzoo.config import read_json
 from lmzoo.distributed.checkpoint import load_sharded, save_sharded
 from lmzoo.distributed.parallelize import clip_grad_norm, parallelize, qkv_rank_order
 from lmzoo.distributed.runtime import DistContext, check_layout
@@ -123,7 +124,7 @@ class TrainerParallel:
 
     def load_shards(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
         """Resume: read a DCP directory (any number of ranks, any mode but another TP degree)."""
-        layout = json.loads((path / LAYOUT).read_text()) if (path / LAYOUT).is_file() else {}
+        layout = read_json(path / LAYOUT, CheckpointError) if (path / LAYOUT).is_file() else {}
         saved_tp = layout.get("world_size", 1) if layout.get("mode") == "tp" else 1
         my_tp = self.ctx.world_size if self.mode == "tp" else 1
         if saved_tp != my_tp:

@@ -19,14 +19,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lmzoo.config import Config
 from lmzoo.errors import ConfigError, suggest
 
 MODES = ("none", "ddp", "fsdp", "tp", "pp")
 
 
 @dataclasses.dataclass
-class ParallelConfig:
-    """The ``parallel`` section of a TrainConfig (a dict there; parsed and checked here).
+class ParallelConfig(Config):
+    """The ``parallel`` section of a TrainConfig (a dict there; parsed and checked here: a Config, so its
+    values are converted to their types, and NaN or infinities refused, as they enter).
 
     mode: none | ddp | fsdp | tp | pp. Data-parallel modes (ddp, fsdp) split each batch across all
     ranks; tp and pp use every rank on the same batch (one model replica across N processes).

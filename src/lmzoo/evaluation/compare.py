@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from lmzoo.common import optional_import, pyplot
-from lmzoo.errors import ConfigError, LmzooError
+from lmzoo.config import read_json
+from lmzoo.errors import ConfigError, DataError, LmzooError
 from lmzoo.formats.atomic import atomic_write_text
 
 BUDGETS = ("steps", "tokens", "flops", "time_s")
@@ -117,6 +118,7 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
     """(run name, seed, TrainConfig dict) for every run and seed, with the budget applied."""
     import torch
 
+    from lmzoo.data import load_meta
     from lmzoo.models import PRESETS, build_model, preset_config
     from lmzoo.train import TrainConfig
     from lmzoo.train.config import steps_for_tokens
@@ -124,7 +126,7 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
     from lmzoo.train.variants import apply_variants
 
     kind, amount = next(iter(exp["budget"].items()))
-    vocab = json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"]
+    vocab = load_meta(data_dir)["vocab_size"]
     out = []
     for run in exp["runs"]:
         settings = {"progress": False, "sample_tokens": 0, **exp["common"], **run}
@@ -212,7 +214,7 @@ def run_worker(cfg_file: str | Path) -> int:
     """Train one run from its TrainConfig JSON; on completion write ``result.json`` next to its metrics."""
     from lmzoo.train import TrainConfig, Trainer
 
-    settings = json.loads(Path(cfg_file).read_text())
+    settings = read_json(cfg_file)
     out = Path(settings["out_dir"])
     settings["resume"] = (out / "LATEST").is_file()  # a killed compare continues where it stopped
     trainer = Trainer(TrainConfig.from_dict(settings))
@@ -254,7 +256,7 @@ def summarize_run(run_dir: str | Path, target_loss: float | None = None) -> dict
     from lmzoo.train.metrics import read_metrics
 
     run_dir = Path(run_dir)
-    res = json.loads((run_dir / RESULT).read_text())
+    res = read_json(run_dir / RESULT, DataError)
     recs = read_metrics(run_dir)
     train = [r for r in recs if r.get("kind") == "train"]
     rates = [r["tokens_per_s"] for r in train if isinstance(r.get("tokens_per_s"), (int, float))]
@@ -352,7 +354,7 @@ def plot_curves(exp: dict[str, Any], out_dir: Path) -> list[Path]:
                 d = out_dir / "runs" / f"{run['name']}-s{seed}"
                 if not (d / RESULT).is_file():
                     continue
-                fpt = json.loads((d / RESULT).read_text()).get("flops_per_token") or 0.0
+                fpt = read_json(d / RESULT, DataError).get("flops_per_token") or 0.0
                 pts = curves(d)
                 xs = [p["tokens"] if axis == "tokens" else p["wall_s"] if axis == "time" else p["tokens"] * fpt
                       for p in pts]

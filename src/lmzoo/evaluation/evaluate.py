@@ -24,7 +24,6 @@ favour short endings; the convention of the lm-eval harness for HellaSwag).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -35,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmzoo.errors import ConfigError, DataError
+from lmzoo.config import loads_json
+from lmzoo.errors import ConfigError, DataError, quote
 
 
 @dataclass
@@ -65,6 +65,19 @@ def _token_bytes(tokenizer, ids: Sequence[int]) -> int:
     return len(tokenizer.decode(list(ids)).encode("utf-8"))
 
 
+def check_eval_settings(batch_size: int = 8, block_size: int | None = None, max_tokens: int | None = None,
+                        limit: int | None = None) -> None:
+    """ConfigError unless every given size is a positive integer (None: the default). A negative batch size
+    would skip every full window and report the loss of the tail alone; a negative token or example limit
+    would cut from the end: numbers that look right and are not."""
+    for name, value in (("batch_size", batch_size), ("block_size", block_size), ("max_tokens", max_tokens),
+                        ("limit", limit)):
+        if value is None and name != "batch_size":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {quote(value)}")
+
+
 def _context_length(model, block_size: int | None) -> int:
     limit = model.max_positions() if hasattr(model, "max_positions") else None
     T = block_size or getattr(model.config, "block_size", None) or limit or 1024
@@ -80,6 +93,7 @@ def sequence_nll(
     model, ids: Sequence[int] | np.ndarray | torch.Tensor, block_size: int | None = None, batch_size: int = 8
 ) -> tuple[float, int]:
     """(total NLL in nats, tokens predicted) of ``ids`` in non-overlapping windows of ``block_size``."""
+    check_eval_settings(batch_size, block_size)
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     if ids.numel() < 2:
         raise DataError("the text to evaluate needs at least two tokens")
@@ -142,7 +156,8 @@ def evaluate_split(
     from lmzoo.tokenizer import load_tokenizer
 
     if split not in ("train", "val"):
-        raise ConfigError(f"unknown split {split!r}; choose train or val")
+        raise ConfigError(f"unknown split {quote(split)}; choose train or val")
+    check_eval_settings(batch_size, block_size, max_tokens)
     meta = load_meta(data_dir)
     n = int(meta[f"{split}_tokens"])
     if max_tokens:
@@ -186,14 +201,17 @@ def read_choices(path: str | Path) -> list[Choice]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"no such task file: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not a UTF-8 JSONL file (byte {e.start} is not UTF-8)") from None
     out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+        rec = loads_json(line, f"{p}:{i}", DataError)
+        if not isinstance(rec, dict):
+            raise DataError(f"{p}:{i}: expected a JSON object, got {type(rec).__name__}")
         ctx = _field(rec, ("context", "ctx", "query", "question"))
         endings = _field(rec, ("endings", "choices", "options"))
         label = _field(rec, ("label", "answer", "gold"))
@@ -201,8 +219,8 @@ def read_choices(path: str | Path) -> list[Choice]:
             raise DataError(f"{p}:{i}: needs a context (ctx), a list of endings and a label")
         try:
             label = int(label)
-        except (TypeError, ValueError):
-            raise DataError(f"{p}:{i}: label must be an integer index, got {label!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
+            raise DataError(f"{p}:{i}: label must be an integer index, got {quote(label)}") from None
         if not 0 <= label < len(endings):
             raise DataError(f"{p}:{i}: label {label} is not an index into {len(endings)} endings")
         endings = [str(e) for e in endings]
@@ -259,7 +277,8 @@ def evaluate_choices(
     (log-likelihood per byte of the ending)."""
     if tokenizer is None:
         raise ConfigError("multiple-choice scoring needs the checkpoint's tokenizer, and none was saved with it")
-    examples = read_choices(path)[: limit or None]
+    check_eval_settings(block_size=block_size, limit=limit)
+    examples = read_choices(path)[:limit]
     right = right_norm = 0
     predictions = []
     for ex in examples:

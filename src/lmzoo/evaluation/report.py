@@ -10,12 +10,12 @@ committed file (never edit RESULTS.md by hand: rerun the command at its top).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from lmzoo.config import read_json
 from lmzoo.errors import DataError
 from lmzoo.evaluation.compare import PLOTS, table_markdown
 from lmzoo.formats.atomic import atomic_write_text
@@ -31,10 +31,7 @@ def read_experiment(directory: str | Path) -> tuple[dict[str, Any], dict[str, An
         f = d / name
         if not f.is_file():
             raise DataError(f"{d}: no {name} (expected the output directory of `lmzoo compare`)")
-        try:
-            out.append(json.loads(f.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{f}: not valid JSON ({e.msg})") from None
+        out.append(read_json(f, DataError, mapping=False))
     return out[0], out[1]
 
 

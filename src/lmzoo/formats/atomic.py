@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -57,19 +58,77 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"could not swap {a} and {b}: {os.strerror(err)}")
 
 
+# What to do about a failed write, by its cause.
+REMEDY = {
+    errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise the quota",
+    errno.EROFS: "write to a writable file system (this one is mounted read-only)",
+    errno.EACCES: "make the directory writable for this user", errno.EPERM: "make the directory writable for this user",
+    errno.EFBIG: "raise the file size limit (ulimit -f)",
+}
+_RUST_ERRNO = re.compile(r"\(os error (\d+)\)")  # how Rust's io::Error (safetensors, tokenizers) ends
+
+
+def write_error(e: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The OSError (errno, cause, ``path``) behind a library's failed write, or None when ``e`` is an
+    OSError already or no I/O failure.
+
+    Each library reports a full disk its own way: Python raises ``OSError(ENOSPC)``; safetensors raises
+    ``SafetensorError`` and tokenizers a bare ``Exception``, both ending in ``(os error 28)``; ``torch.save``
+    raises ``RuntimeError("... unexpected pos ...")`` with no errno at all. Without an errno the file system
+    is asked, while the partial file still takes its space: read-only, not writable, or (almost) full. One
+    OSError whatever the library means one line on the command line (``strerror (path)``)."""
+    if isinstance(e, OSError):
+        return None  # already the OSError a caller handles, naming its own file
+    msg = " ".join(str(e).split())
+    m = _RUST_ERRNO.search(msg)
+    code = int(m.group(1)) if m else None
+    torch_writer = "PytorchStreamWriter" in msg or "unexpected pos" in msg  # torch.save's zip writer
+    if code is None and not torch_writer:
+        return None  # not a write failure (a bug, a bad value): let it through unchanged
+    if code is None:
+        code = _ask_file_system(Path(path).parent)
+    cause = os.strerror(code) if code is not None else f"write failed ({msg[:200]})"
+    return OSError(code, cause, os.fspath(path))
+
+
+def _ask_file_system(directory: Path) -> int | None:
+    """Why writing into ``directory`` may have failed, from the file system's own state, or None."""
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if not os.access(directory, os.W_OK):
+        return errno.EACCES
+    if st.f_bavail * st.f_frsize < 1 << 20:  # less than 1 MiB left for this user
+        return errno.ENOSPC
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success rename it onto ``final``.
 
     Works for a file or a directory written at the yielded path. On any exception the temporary
-    is removed and ``final`` is left as it was.
+    is removed and ``final`` is left as it was; a library's error for a failed write (a full disk, a
+    read-only file system) is raised as the OSError :func:`write_error` makes of it.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as e:  # a read-only or full directory: name the file that could not be written, not the temporary
+        raise OSError(e.errno, e.strerror, os.fspath(final)) from None
     target = tmp / "payload"
     try:
-        yield target
+        try:
+            yield target
+        except Exception as e:  # a library's own error for a full disk: one OSError naming the cause
+            mapped = write_error(e, final)
+            if mapped is None:
+                raise
+            raise mapped from None
         if target.is_dir():
             for p in target.rglob("*"):
                 if p.is_file():

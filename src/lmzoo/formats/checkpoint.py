@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lmzoo.config import read_json
-from lmzoo.errors import CheckpointError, ConfigError, LmzooError
+from lmzoo.config import read_bounded, read_json
+from lmzoo.errors import CheckpointError, ConfigError, LmzooError, quote
 from lmzoo.formats.atomic import atomic_path, atomic_write_text
 from lmzoo.formats.tensors import DIGEST_KEY, corrupt_error, tensors_digest
 from lmzoo.memguard import check_fits
@@ -109,6 +109,24 @@ def save(model: LanguageModel, directory: str | Path, tokenizer=None) -> Path:
     return write_checkpoint(model, directory, tokenizer)
 
 
+def _stays_inside(directory: Path, entry: Path) -> bool:
+    """Whether ``entry`` (symlinks resolved) is a direct child of ``directory``."""
+    try:
+        return entry.resolve().parent == directory.resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        return False
+
+
+def entry_inside(directory: Path, name: str, where: Path) -> Path:
+    """``directory / name`` when ``name`` is one entry of ``directory`` that stays inside it, symlinks
+    resolved; else a CheckpointError naming ``where`` (the file that named it). A tampered ``LATEST``
+    (``../../other/ckpt-...``, an absolute path) must not lead a loader out of its run directory."""
+    entry = directory / name
+    if Path(name).name != name or name in (".", "..") or "\0" in name or not _stays_inside(directory, entry):
+        raise CheckpointError(f"{where} names {quote(name)}, which is not an entry inside {directory}")
+    return entry
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint or a run directory (newest complete checkpoint)."""
     p = Path(path)
@@ -120,11 +138,11 @@ def resolve(path: str | Path) -> Path:
         return p
     latest = p / LATEST
     if latest.is_file():
-        name = latest.read_text().strip()
-        if name and (p / name / CONFIG).is_file():
+        name = read_bounded(latest, 4096, CheckpointError).decode("utf-8", "replace").strip()
+        if name and (entry_inside(p, name, latest) / CONFIG).is_file():
             return p / name
     ckpts = sorted(p.glob("ckpt-*"), key=lambda q: q.name)
-    ckpts = [c for c in ckpts if (c / CONFIG).is_file() and (c / WEIGHTS).is_file()]
+    ckpts = [c for c in ckpts if (c / CONFIG).is_file() and (c / WEIGHTS).is_file() and _stays_inside(p, c)]
     if ckpts:
         return ckpts[-1]
     raise CheckpointError(f"{p}: no checkpoint found (expected {CONFIG} and {WEIGHTS}, or ckpt-* directories)")
@@ -240,14 +258,103 @@ def load_tokenizer_of(path: str | Path):
     return load_tokenizer(d / TOKENIZER)
 
 
-def load_train_state(directory: str | Path) -> dict[str, Any]:
+def load_train_state(directory: str | Path, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """The ``train_state.pt`` of a training checkpoint, read without unpickling objects and checked by
+    :func:`check_train_state` (against ``optimizer`` when given)."""
     f = Path(directory) / TRAIN_STATE
     if not f.is_file():
         raise CheckpointError(f"{directory}: missing {TRAIN_STATE} (not a training checkpoint)")
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: never unpickle arbitrary objects
         raise CheckpointError(f"{f}: unreadable train state ({type(e).__name__}: {str(e)[:200]})") from None
+    check_train_state(state, f, optimizer)
+    return state
+
+
+# what every train state a Trainer writes holds (the optimizer's too, unless it is sharded in dcp/)
+TRAIN_STATE_KEYS = ("step", "tokens_seen", "best_val", "scaler", "train_loader", "rng")
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+
+def check_train_state(st: Any, where: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """CheckpointError naming the entry of a train state (a dict of plain values and tensors, as
+    ``Trainer.state_dict`` writes it) that is missing or of the wrong type or shape, so that a tampered
+    file is refused in one line before any of it is restored. :data:`TRAIN_STATE_KEYS` are required (and
+    ``optimizer`` with ``optimizer``: its saved state must then have its groups and parameter shapes); the
+    entries later versions added are checked where present."""
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: train state entry {key!r} {what}")
+
+    if not isinstance(st, dict):
+        raise CheckpointError(f"{where}: expected a mapping of training state, got {type(st).__name__}")
+    missing = [k for k in TRAIN_STATE_KEYS + (("optimizer",) if optimizer is not None else ()) if k not in st]
+    if missing:
+        raise CheckpointError(f"{where}: the train state lacks {', '.join(missing)} (not a file lmzoo wrote)")
+    if not _count(st["step"]):
+        raise bad("step", f"must be a non-negative integer, got {quote(st['step'])}")
+    for key in ("tokens_seen", "es_bad_evals"):
+        if key in st and not _count(st[key]):
+            raise bad(key, f"must be a non-negative integer, got {quote(st[key])}")
+    for key in ("best_val", "es_best", "train_time_s"):
+        if key in st and (not isinstance(st[key], (int, float)) or isinstance(st[key], bool)):
+            raise bad(key, f"must be a number, got {quote(st[key])}")
+    for key in ("optimizer", "scaler", "train_loader", "rng"):
+        if key in st and not isinstance(st[key], dict):
+            raise bad(key, f"must be a mapping, got {type(st[key]).__name__}")
+    if "train_config" in st and not isinstance(st["train_config"], str):
+        raise bad("train_config", "must be the run's settings as a JSON string")
+    scaler = st.get("scaler") or {}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scaler.values()):
+        raise bad("scaler", "must hold the gradient scaler's numbers")
+    loader = st.get("train_loader")
+    if loader is not None and (not _count(loader.get("step")) or not all(
+            _count(loader[k]) for k in ("seed", "world_size", "block_size", "batch_size") if k in loader)):
+        raise bad("train_loader", "must hold a non-negative integer step (and integer seed, sizes)")
+    rng = st.get("rng")
+    if rng is not None:
+        t, np_state, py = rng.get("torch"), rng.get("numpy"), rng.get("python")
+        torch_ok = isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == torch.get_rng_state().shape
+        numpy_ok = (isinstance(np_state, torch.Tensor) and tuple(np_state.shape) == (624,)
+                    and not np_state.is_floating_point() and _count(rng.get("numpy_pos")) and rng["numpy_pos"] <= 624)
+        python_ok = (isinstance(py, (list, tuple)) and len(py) == 625 and all(_count(v) and v < 2**32 for v in py)
+                     and (rng.get("python_pos") is None or isinstance(rng.get("python_pos"), float)))
+        if not (torch_ok and numpy_ok and python_ok):
+            raise bad("rng", "is not the torch, Python and NumPy generator states lmzoo saves")
+        cuda = rng.get("cuda", [])
+        if not isinstance(cuda, (list, tuple)) or not all(
+                isinstance(c, torch.Tensor) and c.dtype == torch.uint8 and c.dim() == 1 for c in cuda):
+            raise bad("rng", "holds CUDA generator states that are not byte tensors")
+    if "optimizer" in st:
+        _check_optimizer_state(st["optimizer"], optimizer, bad)
+
+
+def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer | None, bad) -> None:
+    """A saved ``optimizer.state_dict()``: groups listing parameter indices, per-parameter state of tensors
+    and numbers; with ``optimizer``, the same group sizes and each state tensor the shape of its parameter
+    (or a scalar), so that ``load_state_dict`` and the next step cannot fail on it."""
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and all(_count(i) for i in g["params"])
+            for g in groups):
+        raise bad("optimizer", "is not an optimizer state (param_groups of parameter indices, state)")
+    params: dict[int, torch.Size | None] = {i: None for g in groups for i in g["params"]}
+    if optimizer is not None:
+        mine = optimizer.param_groups
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in mine]:
+            raise bad("optimizer", "has other parameter groups than this model's optimizer")
+        params = {i: p.shape for g, m in zip(groups, mine) for i, p in zip(g["params"], m["params"])}
+    for i, entry in state.items():
+        if i not in params or not isinstance(entry, dict):
+            raise bad("optimizer", f"holds state for parameter {quote(i)}, which is in none of its groups")
+        for name, v in entry.items():
+            ok = isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and (
+                v.dim() == 0 or params[i] is None or v.shape == params[i]))
+            if not ok:
+                raise bad("optimizer", f"holds {name!r} of parameter {i} with another shape than the parameter")
 
 
 def mark_latest(run_dir: str | Path, name: str) -> None:

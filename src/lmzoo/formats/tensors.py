@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmzoo.config import read_json
-from lmzoo.errors import CheckpointError
+from lmzoo.errors import CheckpointError, quote
 from lmzoo.formats.atomic import atomic_path
 
 CONFIG = "config.json"
@@ -75,26 +75,26 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_index(index: Path) -> list[Path]:
-    """The shard files an index names, in order of first appearance; every one must exist."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: not valid JSON ({_one_line(e)})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    """The shard files an index names, in order of first appearance; every one must exist.
+
+    Linear in the number of tensor names (an index may list hundreds of thousands): the shards seen so far
+    are kept in a dict, which also keeps their order."""
+    data = read_json(index, CheckpointError)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: no 'weight_map' of tensor name -> shard file")
-    shards: list[Path] = []
+    seen: dict[str, None] = {}  # the shard names in order of first appearance
     for name, shard in weight_map.items():
+        if isinstance(shard, str) and shard in seen:
+            continue
         # a shard is a plain file name beside the index: refuse paths that would leave the directory
-        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
-            raise CheckpointError(f"{index}: tensor {name!r} points to an invalid shard name {shard!r}")
-        p = index.parent / shard
-        if p not in shards:
-            shards.append(p)
-    for p in shards:
-        if not p.is_file():
-            raise CheckpointError(f"{p}: missing shard {p.name} (listed in {index.name})")
-    return shards
+        if not isinstance(shard, str) or shard in ("", ".", "..") or any(c in shard for c in "/\\\0"):
+            raise CheckpointError(f"{index}: tensor {quote(name)} points to an invalid shard name {quote(shard)}")
+        seen[shard] = None
+    for shard in seen:
+        if not os.path.isfile(os.path.join(index.parent, shard)):
+            raise CheckpointError(f"{index.parent / shard}: missing shard {shard} (listed in {index.name})")
+    return [index.parent / shard for shard in seen]
 
 
 def weight_files(directory: str | os.PathLike) -> list[Path]:

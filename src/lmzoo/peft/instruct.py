@@ -28,7 +28,6 @@ model's own loss, which ignores -1, is then the response-only loss.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from lmzoo.config import loads_json
 from lmzoo.errors import DataError
 from lmzoo.tokenizer import EOT
 
@@ -45,13 +45,16 @@ Message = dict[str, str]
 def read_jsonl(path: str | Path) -> list[list[Message]]:
     """Examples of a JSONL file as chats (a prompt/response line becomes a user and an assistant turn)."""
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 JSONL file (byte {e.start} is not UTF-8)") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+        row = loads_json(line, f"{path}:{n}", DataError)
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         out.append(to_messages(row, f"{path}:{n}"))
     return out
 

@@ -10,8 +10,13 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from lmzoo.config import Config
+from lmzoo.config import Config, check_parallelism
 from lmzoo.errors import ConfigError
+from lmzoo.train.optimizers import check_optimizer_args
+
+# Every generator a run seeds takes this range: torch, NumPy's legacy seed, the loaders' (seed, rank, step)
+# and the instruction loader's seed * 1,000,003 + step (under 2**64 for any step a run reaches).
+SEED_LIMIT = 2**32
 
 
 @dataclasses.dataclass
@@ -157,6 +162,10 @@ class TrainConfig(Config):
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise ConfigError(f"vocab_size must be positive, got {self.vocab_size}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        check_parallelism("threads", self.threads)
+        check_optimizer_args(self.optimizer, self.optimizer_args)  # typed and in range, before any run starts
 
 
 def accumulation_steps(global_batch: int, batch_size: int, world_size: int) -> int:

@@ -37,8 +37,11 @@ class MetricsLogger:
             return
         rec = {"kind": kind, "step": step, "wall_s": round(time.time() - self.start, 3)}
         rec.update({k: _clean(v) for k, v in values.items()})
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(rec) + "\n")
+            self._f.flush()
+        except OSError as e:  # a full disk, a file system remounted read-only: one line naming the file
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from None
 
     def close(self) -> None:
         if self._f:
@@ -55,6 +58,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     for line in p.read_text(encoding="utf-8").splitlines():
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError (a torn line), a line nested absurdly deep
             continue
     return out

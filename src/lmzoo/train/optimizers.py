@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmzoo.errors import ConfigError, suggest
+from lmzoo.config import convert
+from lmzoo.errors import ConfigError, quote, suggest
 from lmzoo.train.muon import SCALINGS, Muon, muon_param_groups
 
 OPTIMIZERS = ("adamw", "muon", "ademamix")
@@ -160,21 +161,15 @@ def make_optimizer(
     - ademamix: args ``beta3`` (0.9999), ``alpha`` (5.0), ``warmup`` (0: none; the paper uses the
       run length).
     """
-    args = dict(args or {})
+    args = check_optimizer_args(name, args or {})
     if name == "adamw":
-        if args:
-            raise ConfigError(f"adamw takes no optimizer_args, got {sorted(args)}")
         opt = make_adamw(model, lr, betas, weight_decay, eps, decay_embeddings)
         if _mixes_dtensors(model):  # tensor parallel: foreach kernels refuse DTensor next to Tensor
             for g in opt.param_groups:
                 g["foreach"] = False
         return opt
     if name == "muon":
-        known = {"momentum", "nesterov", "ns_steps", "scaling", "lr_mult", "ns_dtype"}
-        _check_args(name, args, known)
         scaling = args.get("scaling", "moonlight")
-        if scaling not in SCALINGS:
-            raise ConfigError(f"unknown Muon scaling {scaling!r}; choose from {', '.join(SCALINGS)}")
         groups = muon_param_groups(model, weight_decay, decay_embeddings)
         for g in groups:
             if g["use_muon"]:
@@ -185,7 +180,6 @@ def make_optimizer(
             ns_steps=int(args.get("ns_steps", 5)), scaling=scaling, ns_dtype=ns_dtype, betas=betas, eps=eps,
         )
     if name == "ademamix":
-        _check_args(name, args, {"beta3", "alpha", "warmup"})
         return AdEMAMix(
             param_groups(model, weight_decay, decay_embeddings), lr=lr,
             betas=(betas[0], betas[1], float(args.get("beta3", 0.9999))), alpha=float(args.get("alpha", 5.0)),
@@ -201,7 +195,36 @@ def _mixes_dtensors(model: nn.Module) -> bool:
     return len(kinds) > 1
 
 
-def _check_args(name: str, args: dict[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(args) - known)
+# The extra settings each optimizer takes (TrainConfig.optimizer_args): type and allowed range.
+OPTIMIZER_ARGS: dict[str, dict[str, tuple[type, Any]]] = {
+    "adamw": {},
+    "muon": {"momentum": (float, (0.0, 1.0)), "nesterov": (bool, None), "ns_steps": (int, (1, 100)),
+             "scaling": (str, SCALINGS), "lr_mult": (float, (0.0, math.inf)),
+             "ns_dtype": (str, ("float32", "bfloat16"))},
+    "ademamix": {"beta3": (float, (0.0, 1.0)), "alpha": (float, (0.0, math.inf)), "warmup": (int, (0, 2**62))},
+}
+
+
+def check_optimizer_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` for optimizer ``name`` converted to their types and checked against their ranges (``(lo, hi)``:
+    lo <= value < hi, or a tuple of choices); a ConfigError names an unknown, ill-typed or out-of-range one.
+    Called as the settings enter (TrainConfig.validate) and by :func:`make_optimizer`."""
+    if name not in OPTIMIZER_ARGS:
+        raise ConfigError(f"unknown optimizer {quote(name)}; choose from {', '.join(OPTIMIZERS)}"
+                          f"{suggest(str(name), OPTIMIZERS)}")
+    spec = OPTIMIZER_ARGS[name]
+    unknown = sorted(str(k) for k in args if k not in spec)
     if unknown:
-        raise ConfigError(f"unknown {name} optimizer_args {unknown}; known: {', '.join(sorted(known))}")
+        known = ", ".join(sorted(spec)) or "none"
+        raise ConfigError(f"unknown {name} optimizer_args {quote(unknown)}; known: {known}")
+    out = {}
+    for key, value in args.items():
+        tp, allowed = spec[key]
+        v = convert(f"optimizer_args.{key}", value, tp)
+        if isinstance(allowed, tuple) and allowed and isinstance(allowed[0], str):
+            if v not in allowed:
+                raise ConfigError(f"optimizer_args.{key}: {quote(v)} is not one of {', '.join(allowed)}")
+        elif allowed is not None and not allowed[0] <= v < allowed[1]:
+            raise ConfigError(f"optimizer_args.{key} must be in [{allowed[0]}, {allowed[1]}), got {quote(v)}")
+        out[key] = v
+    return out

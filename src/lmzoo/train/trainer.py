@@ -28,9 +28,9 @@ from lmzoo import distributed as dist
 from lmzoo.common import DTYPES, resolve_device, resolve_dtype
 from lmzoo.errors import CheckpointError, ConfigError, DataError, LmzooError, ResourceError
 from lmzoo.formats import checkpoint as ckpt
-from lmzoo.formats.atomic import atomic_write_text, clean_stale, remove_tree
+from lmzoo.formats.atomic import REMEDY, atomic_write_text, clean_stale, remove_tree
 from lmzoo.layers.moe import loggable
-from lmzoo.memguard import check_fits
+from lmzoo.memguard import check_batch_fits, check_fits
 from lmzoo.models import PRESETS, build_model, config_to_dict, preset_config
 from lmzoo.train.activation_checkpointing import apply_activation_checkpointing
 from lmzoo.train.config import TrainConfig, accumulation_steps, grad_accum_at
@@ -85,8 +85,12 @@ class Trainer:
             mcfg0 = preset_config(cfg.model, **cfg.model_args)
             check_variants(cfg.multi_token, cfg.bitnet, cfg.parallel, PRESETS[cfg.model][0], mcfg0)
             # refuse a model whose weights + grads + AdamW state cannot fit (lmzoo.memguard)
-            check_fits(PRESETS[cfg.model][0], mcfg0, self.device, self.param_dtype, training=True,
-                       where=f"model {cfg.model}", check=cfg.memory_check)
+            model_bytes = check_fits(PRESETS[cfg.model][0], mcfg0, self.device, self.param_dtype, training=True,
+                                     where=f"model {cfg.model}", check=cfg.memory_check)
+            # ... and one micro-batch beside it, before the run writes anything
+            check_batch_fits(mcfg0, cfg.batch_size, cfg.block_size or getattr(mcfg0, "block_size", 0), self.device,
+                             self.dtype, model_bytes, stages=self.dist.world_size if cfg.parallel.get("mode") == "pp"
+                             else 1, where=f"model {cfg.model}", check=cfg.memory_check)
         if data is not None and (model is None or tokenizer is None):
             raise ConfigError("Trainer(data=...) needs the model and tokenizer too")
         self.loss_fn = loss_fn
@@ -199,11 +203,12 @@ class Trainer:
         """Run a checkpoint write; an OS error (disk full) becomes one clear line naming what survived."""
         try:
             write()
-        except OSError as e:
+        except OSError as e:  # atomic_path turns the libraries' own write errors into OSErrors
             reason = e.strerror or str(e)
+            remedy = REMEDY.get(e.errno, "fix the cause")  # never "free space" for a read-only directory
             raise OSError(
                 e.errno, f"could not write {what} in {self.out_dir}: {reason}; the newest complete "
-                f"checkpoint {self._latest_name()} is intact (free space, then --resume)"
+                f"checkpoint {self._latest_name()} is intact ({remedy}, then --resume)"
             ) from None
 
     def save_checkpoint(self) -> Path:
@@ -260,7 +265,7 @@ class Trainer:
                 f"cannot resume from {d}: it was trained with another tokenizer than {self.data_dir}'s "
                 "(same vocabulary size, different tokens)"
             )
-        st = ckpt.load_train_state(d)
+        st = ckpt.load_train_state(d, None if self.par.sharded else self.optimizer)  # checked against it
         if (d / "dcp").is_dir():  # sharded weights + optimizer state, read into this run's layout
             self.par.load_shards(d / "dcp", self.optimizer)
         elif self.par.sharded:
