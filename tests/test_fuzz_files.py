@@ -125,14 +125,18 @@ def mutated_json(original: dict):
 # -- the fuzzers -----------------------------------------------------------------------------------------
 
 
+def fuzz_json_file(data, f: Path, *commands: list) -> None:
+    """Replace JSON file ``f`` by a draw of :func:`mutated_json` and check each command that reads it."""
+    with replaced(f, data.draw(mutated_json(json.loads(f.read_text())))):
+        for argv in commands:
+            check(argv)
+
+
 @FILES
 @given(data=st.data())
 def test_random_config_json_never_gives_a_traceback(dirs, data):
-    f = dirs / "ckpt" / "config.json"
-    content = data.draw(mutated_json(json.loads(f.read_text())))
-    with replaced(f, content):
-        check(["info", "--checkpoint", dirs / "ckpt"])
-        check(["generate", "--checkpoint", dirs / "ckpt", "--max-new-tokens", 2, "--device", "cpu"])
+    fuzz_json_file(data, dirs / "ckpt" / "config.json", ["info", "--checkpoint", dirs / "ckpt"],
+                   ["generate", "--checkpoint", dirs / "ckpt", "--max-new-tokens", 2, "--device", "cpu"])
 
 
 @FILES
@@ -147,10 +151,8 @@ def test_random_latest_never_gives_a_traceback(dirs, content):
 @FILES
 @given(data=st.data())
 def test_random_meta_json_never_gives_a_traceback(dirs, data):
-    f = dirs / "data" / "meta.json"
-    content = data.draw(mutated_json(json.loads(f.read_text())))
-    with replaced(f, content):
-        check(["eval", "--checkpoint", dirs / "ckpt", "--data-dir", dirs / "data", "--device", "cpu"])
+    fuzz_json_file(data, dirs / "data" / "meta.json",
+                   ["eval", "--checkpoint", dirs / "ckpt", "--data-dir", dirs / "data", "--device", "cpu"])
 
 
 def _header(file: Path) -> tuple[dict, bytes]:
