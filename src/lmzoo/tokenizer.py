@@ -11,8 +11,11 @@ Every tokenizer maps text to a list of integer ids and back through one small in
 - ``pretrained``: an HF ``tokenizer.json`` or GPT-2 ``vocab.json`` + ``merges.txt`` read from disk.
 
 Special-token strings inside the text are encoded literally (as ordinary bytes/characters) unless
-``encode(..., allow_special=True)``; special ids enter a stream explicitly, e.g. ``eos_id`` between
-documents. ``encode`` never adds BOS/EOS by itself. See docs/tokenization.md.
+``encode(..., allow_special=True)``, or the text is a :class:`SpecialText` (a conversation rendered with
+the model's chat template, whose ``<|im_start|>``... are meant as tokens); special ids enter a stream
+explicitly, e.g. ``eos_id`` between documents. ``encode`` never adds BOS/EOS by itself (``add_bos``
+says whether the model expects one before a prompt). A pretrained tokenizer may carry the model's
+``chat_template`` (Jinja; rendered by :mod:`lmzoo.serving.templates`). See docs/tokenization.md.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ def to_bytes(text: str | bytes) -> bytes:
         return text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate outside U+DC80..U+DCFF: keep its bytes as they are
         return text.encode("utf-8", "surrogatepass")
+
+
+class SpecialText(str):
+    """Text whose special-token strings are tokens (a chat template's output): every tokenizer encodes it
+    as with ``allow_special=True``. Plain ``str`` text never is, so user text cannot forge a special token."""
 
 
 def _as_id_list(ids: Any) -> list[int]:
@@ -96,6 +104,9 @@ class Tokenizer(ABC):
     kind: str = ""
     special_tokens: dict[str, int]
     eos_token: str = EOT
+    bos_token: str | None = None  # the beginning-of-sequence token some pretrained models expect
+    add_bos: bool = False  # the model expects bos_token before a prompt (llama.cpp's add_bos_token)
+    chat_template: str | None = None  # the model's own Jinja chat template (lmzoo.serving.templates)
 
     @property
     @abstractmethod
@@ -106,6 +117,11 @@ class Tokenizer(ABC):
     def eos_id(self) -> int | None:
         """Id of the end-of-text token (``<|endoftext|>`` unless the files name another), or None."""
         return self.special_tokens.get(self.eos_token)
+
+    @property
+    def bos_id(self) -> int | None:
+        """Id of ``bos_token``, or None."""
+        return self.special_tokens.get(self.bos_token) if self.bos_token else None
 
     @abstractmethod
     def encode(self, text: str | bytes, allow_special: bool = False) -> list[int]:
@@ -133,6 +149,7 @@ class Tokenizer(ABC):
             "vocab_size": self.vocab_size,
             "special_tokens": self.special_tokens,
             "eos_token": self.eos_token,
+            **{k: v for k in ("bos_token", "add_bos", "chat_template") if (v := getattr(self, k))},
             **self._extra_config(),
         }
         atomic_write_text(d / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -172,7 +189,7 @@ class ByteTokenizer(Tokenizer):
 
     def encode(self, text: str | bytes, allow_special: bool = False) -> list[int]:
         data = to_bytes(text)
-        if not allow_special:
+        if not (allow_special or isinstance(text, SpecialText)):
             return list(data)
         ids: list[int] = []
         for part in _split_special(data, self._special_bytes):
@@ -236,7 +253,8 @@ class CharTokenizer(Tokenizer):
                     f"not valid UTF-8 at byte offset {e.start} (byte 0x{data[e.start]:02x}); "
                     "the char tokenizer needs UTF-8 text"
                 ) from None
-        parts = _split_special(text, self.special_tokens) if allow_special else (text,)
+        special = allow_special or isinstance(text, SpecialText)
+        parts = _split_special(text, self.special_tokens) if special else (text,)
         ids: list[int] = []
         offset = 0
         for part in parts:
@@ -269,7 +287,7 @@ class CharTokenizer(Tokenizer):
 
 
 @lru_cache(maxsize=1)
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable-character table used by the ByteLevel pre-tokenizer."""
     bs = (
         list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
@@ -304,14 +322,19 @@ class HFTokenizer(Tokenizer):
         self.eos_token = next((t for t in candidates if t in self.special_tokens), candidates[0])
         self._byte_ids: list[int] | None = None
         if isinstance(tk.decoder, decoders.ByteLevel):
-            ids = [tk.token_to_id(_byte_to_unicode()[b]) for b in range(256)]
+            ids = [tk.token_to_id(byte_to_unicode()[b]) for b in range(256)]
             if all(i is not None for i in ids):
                 self._byte_ids = ids
-                self._unicode_to_byte = {ch: b for b, ch in _byte_to_unicode().items()}
+                self._unicode_to_byte = {ch: b for b, ch in byte_to_unicode().items()}
 
     @property
     def vocab_size(self) -> int:
         return self._tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend(self) -> Any:
+        """The ``tokenizers.Tokenizer`` underneath."""
+        return self._tk
 
     @property
     def byte_level(self) -> bool:
@@ -348,7 +371,7 @@ class HFTokenizer(Tokenizer):
         return self._plain(text)
 
     def encode(self, text: str | bytes, allow_special: bool = False) -> list[int]:
-        if not allow_special:
+        if not (allow_special or isinstance(text, SpecialText)):
             return self._encode_one(text)
         if not isinstance(text, str):
             text = to_bytes(text).decode("utf-8", "surrogateescape")
@@ -475,6 +498,33 @@ def _hf_eos_token(directory: Path) -> str | None:
     return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None
 
 
+def read_hf_template(directory: Path, tok: Tokenizer) -> Tokenizer:
+    """Set ``tok``'s chat template, BOS token and ``add_bos`` from a transformers tokenizer directory:
+    ``chat_template.jinja`` (transformers >= 4.43) or ``chat_template`` in tokenizer_config.json (a
+    string, or a list of named templates: the one named ``default``)."""
+    config: Any = {}
+    if (directory / CONFIG_NAME).is_file():
+        try:
+            config = _read_json(directory / CONFIG_NAME)
+        except CheckpointError:
+            config = {}
+    config = config if isinstance(config, dict) else {}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": "..."}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, str) and template.strip():
+        tok.chat_template = template
+    bos = config.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    if isinstance(bos, str) and bos in tok.special_tokens:
+        tok.bos_token = bos
+        tok.add_bos = config.get("add_bos_token") is True
+    return tok
+
+
 def _gpt2_files(vocab: Path, merges: Path) -> HFTokenizer:
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers
@@ -523,9 +573,10 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if isinstance(config, dict) and "lmzoo_tokenizer" in config:
         return _from_lmzoo_config(path, config)
     if (path / HF_NAME).is_file():
-        return HFTokenizer(_rust_tokenizer_from_file(path / HF_NAME), "pretrained", _hf_eos_token(path))
+        tok = HFTokenizer(_rust_tokenizer_from_file(path / HF_NAME), "pretrained", _hf_eos_token(path))
+        return read_hf_template(path, tok)
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        return _gpt2_files(path / "vocab.json", path / "merges.txt")
+        return read_hf_template(path, _gpt2_files(path / "vocab.json", path / "merges.txt"))
     raise CheckpointError(
         f"no tokenizer in {path}: expected {CONFIG_NAME} (lmzoo), {HF_NAME} (Hugging Face), "
         "or vocab.json + merges.txt (GPT-2)"
@@ -568,4 +619,10 @@ def _from_lmzoo_config(path: Path, config: dict[str, Any]) -> Tokenizer:
         raise CheckpointError(f"{path}: special tokens {dict(specials)} do not match the vocabulary")
     if kind in ("byte", "char") and config.get("eos_token"):
         tok.eos_token = config["eos_token"]
+    for key, kind_ok in (("bos_token", str), ("add_bos", bool), ("chat_template", str)):
+        value = config.get(key)
+        if value is not None and not isinstance(value, kind_ok):
+            raise CheckpointError(f"{path / CONFIG_NAME}: {key!r} must be a {kind_ok.__name__}, got {value!r}")
+        if value is not None:
+            setattr(tok, key, value)
     return tok

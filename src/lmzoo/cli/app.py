@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmzoo.cli.bench import add_bench_parser
+from lmzoo.cli.convert import add_convert_parsers
 from lmzoo.cli.info import cmd_info
 from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.formats.atomic import REMEDY
@@ -372,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_prepare)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint (streamed)")
-    g.add_argument("--checkpoint", required=True, help="checkpoint, run directory, or Hugging Face directory")
+    g.add_argument("--checkpoint", required=True, help="checkpoint or run, HF directory, GGUF file, or a model name")
     g.add_argument("--prompt", default="\n")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -459,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity, bits per byte and multiple-choice accuracy of a checkpoint",
                         description="Evaluate a checkpoint (docs/evaluation.md).")
-    ev.add_argument("--checkpoint", required=True, help="checkpoint, run directory, or Hugging Face directory")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint or run, HF directory, GGUF file, or a model name")
     ev.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="a prepared data set")
     ev.add_argument("--split", default="val", help="train or val")
     ev.add_argument("--max-tokens", type=int, default=None, help="evaluate only the split's first N tokens")
@@ -494,10 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streamed; /reset, /exit)",
                         description="Interactive chat with history and streaming (docs/serve.md).")
-    ch.add_argument("--checkpoint", required=True, help="checkpoint, run directory, or Hugging Face directory")
+    ch.add_argument("--checkpoint", required=True, help="checkpoint or run, HF directory, GGUF file, or a model name")
     ch.add_argument("--system", default=None, help="a system prompt put before the conversation")
-    ch.add_argument("--template", choices=["transcript", "raw"], default="transcript",
-                    help="transcript: 'User: ... / Assistant: ...' turns; raw: plain text continuation")
+    ch.add_argument("--template", choices=["auto", "model", "transcript", "raw"], default="auto",
+                    help="auto: the model's own chat template if it has one, else transcript; model: its own; "
+                    "transcript: 'User: ... / Assistant: ...' turns; raw: plain text continuation")
     ch.add_argument("--max-new-tokens", type=int, default=200)
     ch.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     ch.add_argument("--top-k", type=int, default=None)
@@ -508,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP endpoint (needs lmzoo[serve])",
                         description="Serve a checkpoint: /v1/completions, /v1/chat/completions (docs/serve.md).")
-    sv.add_argument("--checkpoint", required=True, help="checkpoint, run directory, or Hugging Face directory")
+    sv.add_argument("--checkpoint", required=True, help="checkpoint or run, HF directory, GGUF file, or a model name")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--model-name", default=None,
@@ -531,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)
     add_bench_parser(sub)  # lmzoo bench train|generate (cli_bench.py, docs/performance.md)
+    add_convert_parsers(sub)  # lmzoo convert, lmzoo merge-lora (cli/convert.py)
     return p
 
 

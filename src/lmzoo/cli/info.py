@@ -17,9 +17,21 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     from lmzoo.models import PRESETS, build, preset_config
 
     if args.list:
+        from lmzoo.formats.registry import MODELS, available
+
+        print("presets (random weights; lmzoo train --model NAME):")
         for name, (family, _) in sorted(PRESETS.items()):
-            print(f"{name:28s} {family}")
+            print(f"  {name:28s} {family}")
+        print("pretrained models (by name wherever a checkpoint goes: lmzoo chat --checkpoint NAME):")
+        for name, src in sorted(MODELS.items()):
+            where = "installed" if available(name) else f"not installed: {src.install}"
+            print(f"  {name:28s} {src.description} [{where}]")
         return 0
+    from lmzoo.formats import registry
+    from lmzoo.formats.load import is_gguf
+
+    if args.preset and registry.is_name(args.preset) and not args.checkpoint:
+        args.checkpoint, args.preset = args.preset, None  # `lmzoo info smollm2-135m-instruct`
     overrides = parse_overrides(extra)
     if args.flops is not None and not args.preset and not args.checkpoint:
         if overrides:
@@ -30,13 +42,20 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
         if overrides:
             raise ConfigError("info: overrides apply to presets, not to a checkpoint")
         from lmzoo.formats import checkpoint as ckpt
-
-        d = ckpt.resolve(args.checkpoint)
-        family, cfg, raw = ckpt.read_config(d)
         from lmzoo.models import build_model
 
-        with MetaWithoutInit():  # shapes only, initializers skipped (fast at any size)
-            model = ckpt.apply_settings(build_model(family, cfg), raw, d / ckpt.CONFIG)  # e.g. MTP heads, BitNet layers
+        source = registry.resolve(args.checkpoint) if registry.is_name(args.checkpoint) else Path(args.checkpoint)
+        if is_gguf(source):  # the config from the file's metadata; no tensor is read
+            from lmzoo.formats.gguf import gguf_config
+
+            family, cfg = gguf_config(source)
+            with MetaWithoutInit():
+                model = build_model(family, cfg)
+        else:
+            d = ckpt.resolve(args.checkpoint)
+            family, cfg, raw = ckpt.read_config(d)
+            with MetaWithoutInit():  # shapes only, initializers skipped (fast at any size)
+                model = ckpt.apply_settings(build_model(family, cfg), raw, d / ckpt.CONFIG)  # e.g. MTP heads, BitNet
         name = args.checkpoint
     else:
         if not args.preset:

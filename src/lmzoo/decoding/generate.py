@@ -321,7 +321,8 @@ def generate(
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt text (an empty text: the end-of-text token, or id 0).
+    """Token ids of a prompt text (an empty text: the end-of-text token, or id 0), after the tokenizer's
+    BOS token when the model expects one (``tokenizer.add_bos``) and the text does not begin with it.
 
     A text with characters the tokenizer does not know raises a one-line error naming all of them
     (instead of generating from something else).
@@ -342,4 +343,7 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
             f"the prompt has {len(unknown)} character(s) the tokenizer does not know: {shown} "
             f"(its vocabulary has {tokenizer.vocab_size} tokens)"
         ) from None
+    bos = tokenizer.bos_id if getattr(tokenizer, "add_bos", False) else None
+    if bos is not None and ids[:1] != [bos]:
+        ids = [bos, *ids]
     return ids or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]

@@ -3,7 +3,9 @@
 **Data.** JSONL, one example a line, either ``{"prompt": ..., "response": ...}`` or a chat
 ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``.
 
-**Template** (plain text, so any tokenizer encodes it; ``<|endoftext|>`` is the tokenizer's end token)::
+**Template.** A pretrained model whose tokenizer brings a chat template (SmolLM2-Instruct's ChatML...) is
+tuned in that template (:func:`lmzoo.serving.templates.chat_segments`), the format it will be prompted in.
+Otherwise lmzoo's own (plain text, so any tokenizer encodes it; ``<|endoftext|>`` is the end token)::
 
     <|system|>\\n{content}\\n          (optional, once, first)
     <|user|>\\n{content}\\n
@@ -37,6 +39,7 @@ import torch
 
 from lmzoo.config import loads_json
 from lmzoo.errors import DataError
+from lmzoo.serving.templates import chat_segments, end_of_turn, render_chat, template_of
 from lmzoo.tokenizer import EOT
 
 Message = dict[str, str]
@@ -74,14 +77,23 @@ def to_messages(row: dict[str, Any], where: str = "example") -> list[Message]:
 
 def encode_chat(tok, messages: Sequence[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of a chat in the template, and per token whether it is trained on (assistant content
-    and its end token). ``add_generation_prompt`` ends with ``<|assistant|>\\n`` (for generation)."""
-    end = tok.encode(EOT, allow_special=True)
+    and its end token). ``add_generation_prompt`` ends where the assistant's reply begins (for generation).
+    The model's own chat template when its tokenizer has one, else lmzoo's (module docstring)."""
     ids: list[int] = []
     mask: list[bool] = []
 
     def add(piece: list[int], train: bool) -> None:
         ids.extend(piece)
         mask.extend([train] * len(piece))
+
+    if template_of(tok) is not None:
+        if add_generation_prompt:
+            add(tok.encode(render_chat(messages, tok, "model")[0]), False)
+        else:
+            for text, trained in chat_segments(tok, messages):
+                add(tok.encode(text), trained)
+        return ids, mask
+    end = tok.encode(EOT, allow_special=True)
 
     for m in messages:
         add(tok.encode(f"<|{m['role']}|>\n"), False)
@@ -151,12 +163,20 @@ def exact_match(model, tok, chats: Sequence[Sequence[Message]], max_new_tokens: 
 
     was_training = model.training
     model.eval()
-    end = tok.encode(EOT, allow_special=True)[-1]
+    ends = end_ids(tok)
     prompts = [encode_chat(tok, c[:-1], add_generation_prompt=True)[0] for c in chats]
-    outs = generate(model, prompts, max_new_tokens, temperature=0, stop_tokens=[end])
-    hits = sum(tok.decode([t for t in o if t != end]) == c[-1]["content"] and end in o for o, c in zip(outs, chats))
+    outs = generate(model, prompts, max_new_tokens, temperature=0, stop_tokens=ends)
+    hits = sum(tok.decode([t for t in o if t not in ends]) == c[-1]["content"] and o[-1:] in ([e] for e in ends)
+               for o, c in zip(outs, chats))
     model.train(was_training)
     return hits / len(chats)
+
+
+def end_ids(tok) -> list[int]:
+    """The token ids that end an assistant turn: the chat template's end-of-turn tokens, else lmzoo's end token."""
+    if template_of(tok) is not None:
+        return [tok.special_tokens[t] for t in end_of_turn(tok)]
+    return [tok.encode(EOT, allow_special=True)[-1]]
 
 
 class PackedLoader:

@@ -1,7 +1,9 @@
 """``lmzoo chat``: an interactive terminal conversation with a checkpoint, streamed token by token.
 
-lmzoo's models are base language models: they continue text. A conversation is therefore written
-as a plain transcript the model continues (the format of the early chat fine-tunes)::
+A pretrained chat model (SmolLM2-Instruct...) brings its own chat template, which renders the
+conversation (:mod:`lmzoo.serving.templates`). lmzoo's own models are base language models: they
+continue text. For them a conversation is written as a plain transcript the model continues (the
+format of the early chat fine-tunes)::
 
     <system prompt>
 
@@ -25,29 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from lmzoo.errors import ConfigError, LmzooError
-
-TEMPLATES = ("transcript", "raw")
-
-
-def format_chat(messages: Sequence[dict[str, str]], template: str = "transcript") -> tuple[str, list[str]]:
-    """(prompt text ending where the assistant's reply begins, stop strings) for OpenAI-style messages."""
-    if template not in TEMPLATES:
-        raise ConfigError(f"unknown chat template {template!r}; choose from {', '.join(TEMPLATES)}")
-    parts = []
-    for m in messages:
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise ConfigError("each message needs a role (system, user or assistant) and a string content")
-        if template == "raw":
-            parts.append(content)
-        elif role == "system":
-            parts.append(content.strip() + "\n\n")
-        else:
-            parts.append(f"{'User' if role == 'user' else 'Assistant'}: {content.strip()}\n")
-    if template == "raw":
-        return "".join(parts), ["\n"]
-    return "".join(parts) + "Assistant:", ["\nUser:", "\nAssistant:"]
+from lmzoo.errors import LmzooError
+from lmzoo.serving.templates import TEMPLATES, format_chat, render_chat  # noqa: F401 - re-exported
 
 
 class StopStrings:
@@ -91,13 +72,11 @@ def stream_text(
     returns False the generation ends there (``finish_reason`` "cancelled"): a server stops the
     work of a client that has gone without waiting for the next piece to be shown.
     """
-    from lmzoo.decoding.generate import stream
+    from lmzoo.decoding.generate import encode_prompt, stream
 
     info = {} if info is None else info
 
-    ids = tokenizer.encode(prompt) if prompt else []
-    if not ids:
-        ids = [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+    ids = encode_prompt(tokenizer, prompt)  # with the BOS token a pretrained model may expect
     limit = model.max_positions() if hasattr(model, "max_positions") else None
     if limit is not None and len(ids) >= limit:  # keep the newest context (the oldest turns fall out)
         ids = ids[-(limit - 1):]
@@ -138,7 +117,7 @@ class ChatSession:
     model: Any
     tokenizer: Any
     system: str | None = None
-    template: str = "transcript"
+    template: str = "auto"  # the model's own chat template if it has one, else lmzoo's transcript
     max_new_tokens: int = 200
     sampling: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, str]] = field(default_factory=list)
@@ -150,7 +129,7 @@ class ChatSession:
         """Stream the answer to ``message``; the exchange joins the history once the answer is complete."""
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         msgs.append({"role": "user", "content": message})
-        prompt, stops = format_chat(msgs, self.template)
+        prompt, stops = render_chat(msgs, self.tokenizer, self.template)
         pieces = []
         for piece in stream_text(self.model, self.tokenizer, prompt, self.max_new_tokens, stops, **self.sampling):
             pieces.append(piece)

@@ -41,7 +41,7 @@ from lmzoo.errors import CheckpointError, ConfigError, LmzooError
 from lmzoo.formats import tensors as io
 from lmzoo.formats.hf import fields, gpt2, jamba, llama, mamba
 from lmzoo.layers.rope import RotaryEmbedding, rope_frequencies
-from lmzoo.memguard import check_fits
+from lmzoo.memguard import MetaWithoutInit, check_fits
 from lmzoo.models import build_model
 from lmzoo.models.base import LanguageModel
 
@@ -184,7 +184,7 @@ def materialize_buffers(
         raise RuntimeError(f"buffers still on the meta device: {', '.join(left[:5])}")
 
 
-def _config_from_hf(conv: Converter, hf_config: Mapping[str, Any], where: Path) -> Config:
+def checked_config(conv: Converter, hf_config: Mapping[str, Any], where: str | Path) -> Config:
     """The converter's lmzoo config, every failure a one-line CheckpointError naming ``where``."""
     try:
         # types first: "hidden_size='64': expected a positive integer" (64.0 is read as 64)
@@ -216,19 +216,35 @@ def from_hf(
     d = Path(path)
     hf_config = io.read_config(d)
     conv = detect(hf_config, str(d / io.CONFIG))
-    cfg = _config_from_hf(conv, hf_config, d / io.CONFIG)
+    cfg = checked_config(conv, hf_config, d / io.CONFIG)
     files = io.weight_files(d)  # every file checked to exist before any work
+    saved = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return load_converted(conv, cfg, io.iter_tensors(files), str(d), dtype, device, check_memory,
+                          saved_dtype=saved if isinstance(saved, str) else None)
+
+
+def load_converted(
+    conv: Converter, cfg: Config, tensors: Iterable[tuple[str, torch.Tensor]], where: str,
+    dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu", check_memory: bool = True,
+    saved_dtype: str | None = None, owned: bool = False,
+) -> LanguageModel:
+    """The model of ``cfg`` filled from a stream of HF-named ``tensors`` through ``conv`` (the body of
+    :func:`from_hf`, also used for GGUF files, whose tensors are renamed to HF names first).
+
+    ``where`` prefixes the errors; ``saved_dtype`` (a dtype name) sizes the memory check when ``dtype``
+    is None; ``owned``: the tensors are fresh (not views of a mapped file), so none needs copying.
+    """
+    d = where
     device = torch.device(device)
     dtype = resolve_dtype(dtype)
     # refuse a model that cannot fit before building it (lmzoo.memguard; check_memory=False skips)
-    saved = hf_config.get("torch_dtype") or hf_config.get("dtype")
     try:
-        est_dtype = dtype or resolve_dtype(saved if isinstance(saved, str) else None)
+        est_dtype = dtype or resolve_dtype(saved_dtype)
     except ConfigError:
         est_dtype = None
     check_fits(conv.family, cfg, device, est_dtype, where=str(d), check=check_memory)
 
-    with torch.device("meta"):  # shapes only: no allocation, and init_weights() costs nothing
+    with MetaWithoutInit():  # shapes only: no allocation, and the initializers are skipped
         model = build_model(conv.family, cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     aliases = tied_aliases(model)
@@ -239,13 +255,14 @@ def from_hf(
     ignored = getattr(conv, "ignores", lambda name: False)  # buffers the converter drops (GPT-2's masks)
 
     def read() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, t in io.iter_tensors(files):
+        for name, t in tensors:
             if not t.is_floating_point() and not ignored(name):  # an int weight would be cast (or fused) silently
                 raise CheckpointError(
                     f"{d}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}: "
                     "model weights must be floating point"
                 )
-            sources.add(t.untyped_storage().data_ptr())
+            if not owned:
+                sources.add(t.untyped_storage().data_ptr())
             yield name, t
 
     try:
@@ -281,11 +298,12 @@ def from_hf(
     return model.eval()
 
 
-def check_exportable(model: nn.Module, allow: Iterable[str] = ()) -> None:
+def check_exportable(model: nn.Module, allow: Iterable[str] = (), target: str = "Hugging Face") -> None:
     """ConfigError naming what ``model`` carries beyond its family's config, which a Hugging Face
     checkpoint cannot hold: extra multi-token heads, BitNet or NF4-quantized layers, LoRA wrappers.
     (The config's own inexpressible settings are the converters' ``config_to_hf`` refusals.)
-    ``allow``: the kinds (``"lora"``, ``"nf4"``) a caller handles itself (:func:`lmzoo.peft.export_peft`).
+    ``allow``: the kinds (``"lora"``, ``"nf4"``) a caller handles itself (:func:`lmzoo.peft.export_peft`);
+    ``target``: the format named in the message (``"GGUF"`` for :func:`lmzoo.formats.gguf.to_gguf`).
     """
     kinds = {getattr(m, "rewrite", None) for m in model.modules()}  # what a converter put in a layer's place
     problems = []
@@ -299,7 +317,7 @@ def check_exportable(model: nn.Module, allow: Iterable[str] = ()) -> None:
     if "lora" in kinds and "lora" not in allow:
         problems.append("LoRA adapters (merge them: lmzoo.peft.merge_lora(model, unwrap=True) or export_merged_hf)")
     if problems:
-        raise ConfigError(f"cannot export the {model.family} model as Hugging Face: " + "; ".join(problems))
+        raise ConfigError(f"cannot export the {model.family} model as {target}: " + "; ".join(problems))
 
 
 def to_hf(model: LanguageModel, path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
@@ -334,8 +352,10 @@ __all__ = [
     "CONVERTERS",
     "Converter",
     "check_exportable",
+    "checked_config",
     "detect",
     "from_hf",
+    "load_converted",
     "materialize_buffers",
     "register",
     "supported",

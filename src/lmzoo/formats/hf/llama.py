@@ -107,6 +107,13 @@ def meta_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rotate_half_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of :func:`meta_to_rotate_half`: rotate-half rows back to interleaved pairs (the layout
+    llama.cpp's GGUF files keep)."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
 def _rope_number(src: str, scaling: Mapping[str, Any], key: str, default: Any = None, integer: bool = False) -> Any:
     """``scaling[key]`` checked to be a positive number (an integer when ``integer``), else ``default``;
     CheckpointError naming ``<src>.<key>`` for anything else (a string, a list, zero...)."""
