@@ -2,7 +2,8 @@
 
 A small Mistral-style model (window ``--window``) generates greedily to each length with
 ``lmzoo.generate``'s cache (a RollingKVCache: one ring of ``window`` slots per layer), and the
-same weights generate with a full-length KVCache (``rolling=False``, masks with the same window).
+same weights generate with a full-length KVCache (``init_cache(..., rollback=True)``: a cache that can
+roll back is never a ring; masks with the same window).
 Both must give the same tokens (``same_tokens``). Memory is the bytes each cache allocated,
 read from the cache object (the buffers are allocated once, never grown).
 A last line gives the allocation for the real Mistral 7B shapes in bf16 (built on the meta device).
@@ -26,7 +27,7 @@ from lmzoo.decoding.generate import sample_next
 @torch.inference_mode()
 def greedy(model, prompt: torch.Tensor, n: int, rolling: bool) -> tuple[list[int], int, float]:
     """Greedy tokens, the cache's allocated bytes, and seconds; the cache is sized for the full length."""
-    cache = model.init_cache(1, prompt.shape[1] + n, rolling=rolling)
+    cache = model.init_cache(1, prompt.shape[1] + n, rollback=not rolling)
     t0 = time.perf_counter()
     logits = model(prompt, cache=cache, last_only=True).logits[:, -1]
     out = []
@@ -65,7 +66,7 @@ def main() -> None:
     row = {"bench": "sliding_window_cache", "model": "mistral-7b (shapes only)", "dtype": "bfloat16"}
     for n in (4096, 32768):
         for kind, rolling in (("rolling", True), ("full", False)):
-            cache = mistral.init_cache(1, n, dtype=torch.bfloat16, device="meta", rolling=rolling)
+            cache = mistral.init_cache(1, n, dtype=torch.bfloat16, device="meta", rollback=not rolling)
             row[f"{kind}_GiB_at_{n}"] = cache.nbytes / 2**30
     print(json.dumps(row))
 

@@ -8,6 +8,22 @@ import torch
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
+def pytest_report_header() -> str:
+    from _fuzz import FUZZ_SEED
+
+    return f"hypothesis fuzzers: seed {FUZZ_SEED} (rerun a failure with LMZOO_FUZZ_SEED={FUZZ_SEED})"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed fuzzer's report names the run's seed (the header that also says it is hidden by -q)."""
+    report = (yield).get_result()
+    if report.failed and getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+        from _fuzz import FUZZ_SEED
+
+        report.sections.append(("fuzz seed", f"rerun with LMZOO_FUZZ_SEED={FUZZ_SEED}"))
+
+
 # The test models are tiny: one thread is faster than two fighting over the cores (and the
 # suite's subprocesses and the parent do not oversubscribe the 2-core CI machine).
 torch.set_num_threads(1)

@@ -31,21 +31,43 @@ def test_bias_is_minus_slope_times_distance_and_masks_the_future():
                 assert b[0, h, i, j].item() == pytest.approx(want)
 
 
-def test_model_trained_at_128_evaluates_at_512():
-    m = lmzoo.build("gpt2-debug", pos_emb="alibi", block_size=128)
+def _losses_past_the_training_length(text: str, pos_emb: str, lengths=(32, 128, 256)) -> dict[int, float]:
+    """A tiny char model trained 120 steps at context 32 on ``text``; its mean loss over the same 4,096
+    held-out tokens cut into windows of each length."""
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text[:100_000] + text[-4_200:]])
+    train, val = ids[:100_000], ids[100_000:]
+    torch.manual_seed(0)
+    m = lmzoo.build("gpt2-debug", pos_emb=pos_emb, block_size=32, vocab_size=len(chars))
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(3):
-        x = torch.randint(0, 97, (2, 128))
-        loss = m(x, x).loss
+    g = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        ix = torch.randint(0, len(train) - 33, (16,), generator=g).tolist()
+        x = torch.stack([train[i : i + 32] for i in ix])
+        y = torch.stack([train[i + 1 : i + 33] for i in ix])
         opt.zero_grad()
-        loss.backward()
+        m(x, y).loss.backward()
         opt.step()
     m.eval()
-    x = torch.randint(0, 97, (1, 512))
+    out = {}
     with torch.no_grad():
-        out = m(x, x)
-    assert out.logits.shape == (1, 512, 97) and torch.isfinite(out.loss)
-    assert m.max_positions() is None
+        for n in lengths:
+            res = m(val[:4096].view(-1, n), val[1:4097].view(-1, n))
+            assert res.logits.shape == (4096 // n, n, len(chars))
+            out[n] = res.loss.item()
+    return out
+
+
+def test_alibi_trained_at_32_keeps_its_loss_at_4x_and_8x_the_length(shakespeare_path):
+    """Train short, test long: ALiBi's loss at 4x and 8x the training context is no worse than at the
+    context it was trained on (more context, same biases), while RoPE, trained the same way, degrades
+    (positions it never saw), which shows the comparison can fail."""
+    text = shakespeare_path.read_text()
+    alibi = _losses_past_the_training_length(text, "alibi")
+    rope = _losses_past_the_training_length(text, "rope")
+    assert alibi[128] <= alibi[32] + 0.01 and alibi[256] <= alibi[32] + 0.01, alibi
+    assert rope[128] > rope[32] + 0.1 and rope[256] > rope[32] + 0.1, rope
+    assert lmzoo.build("gpt2-debug", pos_emb="alibi").max_positions() is None
 
 
 def test_learned_positions_cannot_evaluate_past_their_table():

@@ -184,7 +184,7 @@ def bitnet_ckpt(tmp_path) -> tuple[Path, torch.nn.Module]:
     (["bitnet"], r"expected a mapping"),
     ({"modules": 5}, r"modules=5: expected a non-empty list"),
     ({"modules": ["*"]}, r"'\*' is not an nn\.Linear layer"),
-    ({"modules": ["blocks.0.ln_1"]}, r"'blocks\.0\.ln_1' is not an nn\.Linear layer"),
+    ({"modules": ["blocks.0.mixer_norm"]}, r"'blocks\.0\.mixer_norm' is not an nn\.Linear layer"),
     ({"variant": ["b1"]}, r"variant=\['b1'\]"),
     ({"norm": "yes"}, r"norm='yes': expected true or false"),
     ({"method": "gptq"}, r"unknown quantization method 'gptq'"),
@@ -206,7 +206,7 @@ def test_malformed_quantization_spec_is_one_line(bitnet_ckpt, spec, message):
 def adapter(tmp_path) -> tuple[Path, torch.Tensor]:
     torch.manual_seed(0)
     model = lmzoo.build("gpt2-debug")
-    apply_lora(model, target="attn.qkv|mlp.fc", r=2)
+    apply_lora(model, target="mixer.qkv|ffn.fc", r=2)
     _randomize_lora(model)
     return save_adapter(model, tmp_path / "ad"), _logits(model, _idx())
 
@@ -233,7 +233,7 @@ def _set_lora(**changes):
 
 def _int_tensor(d: Path) -> None:
     st = load_file(d / "adapter.safetensors")
-    st["blocks.0.attn.qkv.lora_A"] = st["blocks.0.attn.qkv.lora_A"].long()
+    st["blocks.0.mixer.qkv.lora_A"] = st["blocks.0.mixer.qkv.lora_A"].long()
     save_file(st, d / "adapter.safetensors")
 
 
@@ -242,13 +242,13 @@ ADAPTER_FAULTS = {
     "json list": (lambda d: (d / "adapter.json").write_text("[1]"), r"adapter\.json: expected a JSON object"),
     "truncated weights": (lambda d: open(d / "adapter.safetensors", "r+b").truncate(60), r"unreadable or truncated"),
     "no weights": (lambda d: (d / "adapter.safetensors").unlink(), r"adapter\.safetensors is missing"),
-    "all lora_B missing": (_drop("lora_B"), r"missing adapter tensor\(s\) blocks\.0\.attn\.qkv\.lora_B"),
-    "one lora_A missing": (_drop("blocks.1.mlp.fc.lora_A"), r"missing adapter tensor\(s\) blocks\.1\.mlp\.fc\.lora_A"),
+    "all lora_B missing": (_drop("lora_B"), r"missing adapter tensor\(s\) blocks\.0\.mixer\.qkv\.lora_B"),
+    "one lora_A missing": (_drop("blocks.1.ffn.fc.lora_A"), r"missing adapter tensor\(s\) blocks\.1\.ffn\.fc\.lora_A"),
     "r a string": (_set_lora(r="x"), r"lora: r='x': expected a positive integer"),
-    "r mismatch": (_set_lora(r=3), r"'blocks\.0\.attn\.qkv\.lora_A' has shape \(2, 32\).*\(3, 32\)"),
-    "modules not a list": (_set_lora(modules="blocks.0.attn.qkv"), r"modules='blocks\.0\.attn\.qkv'"),
-    "unknown module": (_set_lora(modules=["blocks.9.attn.qkv"]), r"'blocks\.9\.attn\.qkv' does not exist"),
-    "integer tensor": (_int_tensor, r"'blocks\.0\.attn\.qkv\.lora_A' has dtype torch\.int64"),
+    "r mismatch": (_set_lora(r=3), r"'blocks\.0\.(mixer\.qkv|ffn\.fc)\.lora_A' has shape \(2, 32\).*\(3, 32\)"),
+    "modules not a list": (_set_lora(modules="blocks.0.mixer.qkv"), r"modules='blocks\.0\.mixer\.qkv'"),
+    "unknown module": (_set_lora(modules=["blocks.9.mixer.qkv"]), r"'blocks\.9\.mixer\.qkv' does not exist"),
+    "integer tensor": (_int_tensor, r"'blocks\.0\.mixer\.qkv\.lora_A' has dtype torch\.int64"),
 }
 
 
@@ -271,10 +271,10 @@ def test_adapter_with_another_alpha_is_refused_by_a_model_with_adapters(adapter)
     """Loading into existing LoRA layers keeps their scaling: a different alpha would give wrong logits."""
     d, want = adapter
     same = _fresh()
-    apply_lora(same, target="attn.qkv|mlp.fc", r=2)
+    apply_lora(same, target="mixer.qkv|ffn.fc", r=2)
     assert torch.equal(_logits(load_adapter(same, d), _idx()), want)  # same r and alpha: the saved model
     other = _fresh()
-    apply_lora(other, target="attn.qkv|mlp.fc", r=2, alpha=other_alpha(d))
+    apply_lora(other, target="mixer.qkv|ffn.fc", r=2, alpha=other_alpha(d))
     with pytest.raises(CheckpointError, match=r"alpha") as e:
         load_adapter(other, d)
     _one_line(e)
@@ -288,14 +288,14 @@ def other_alpha(d: Path) -> float:
 
 def _lora(preset="llama-debug", merged=False, unwrap=False, **kw):
     m = lmzoo.build(preset, **kw)
-    apply_lora(m, target="attn.qkv", r=2)
+    apply_lora(m, target="mixer.qkv", r=2)
     _randomize_lora(m)
     return merge_lora(m, unwrap=unwrap) if merged else m
 
 
 def _qlora():
     m = lmzoo.build("llama-debug")
-    apply_qlora(m, target="attn.qkv", r=2, compute_dtype=torch.float32)
+    apply_qlora(m, target="mixer.qkv", r=2, compute_dtype=torch.float32)
     return m
 
 
@@ -375,7 +375,7 @@ def test_finetune_checkpoint_loads_as_the_finetuned_model(tmp_path, method):
     torch.manual_seed(0)
     lmzoo.save(lmzoo.build("gpt2-debug", vocab_size=257), tmp_path / "base", ByteTokenizer())
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 100)
-    s = finetune(tmp_path / "base", method=method, target="attn.qkv|mlp.fc", r=2, source=str(tmp_path / "t.txt"),
+    s = finetune(tmp_path / "base", method=method, target="mixer.qkv|ffn.fc", r=2, source=str(tmp_path / "t.txt"),
                  tokenizer="byte", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"), max_steps=3,
                  batch_size=4, block_size=32, eval_interval=2, eval_iters=1, warmup_steps=0, lr=1e-2,
                  sample_tokens=0, progress=False, device="cpu")
@@ -406,11 +406,11 @@ def test_saved_merged_lora_is_not_applied_twice(tmp_path):
 
 @pytest.mark.parametrize("key,value,message", [
     ("lora", {"r": 2, "alpha": 4}, r"lmzoo\.lora: modules=None"),
-    ("lora", {"r": 2, "modules": ["blocks.0.attn.qkv"]}, r"lmzoo\.lora: alpha=None"),
-    ("lora", {"r": 0, "alpha": 4, "modules": ["blocks.0.attn.qkv"]}, r"lmzoo\.lora: r=0"),
+    ("lora", {"r": 2, "modules": ["blocks.0.mixer.qkv"]}, r"lmzoo\.lora: alpha=None"),
+    ("lora", {"r": 0, "alpha": 4, "modules": ["blocks.0.mixer.qkv"]}, r"lmzoo\.lora: r=0"),
     ("lora", {"r": 2, "alpha": 4, "modules": ["blocks.0.nope"]}, r"lmzoo\.lora: .*'blocks\.0\.nope' does not exist"),
-    ("nf4", {"method": "nf4", "modules": ["lm_head", "lm_head"]}, r"lmzoo\.nf4: modules: a module is named twice"),
-    ("nf4", {"method": "nf4", "modules": ["blocks.0.attn.qkv"], "compute_dtype": "int8"}, r"compute_dtype='int8'"),
+    ("nf4", {"method": "nf4", "modules": ["head", "head"]}, r"lmzoo\.nf4: modules: a module is named twice"),
+    ("nf4", {"method": "nf4", "modules": ["blocks.0.mixer.qkv"], "compute_dtype": "int8"}, r"compute_dtype='int8'"),
 ])
 def test_malformed_peft_settings_are_one_line(tmp_path, key, value, message):
     d = lmzoo.save(lmzoo.build("gpt2-debug"), tmp_path / "ck")
@@ -439,7 +439,7 @@ def test_export_peft_refuses_adapters_peft_would_apply_wrongly(tmp_path, preset,
 
 def test_export_peft_refuses_a_base_to_hf_cannot_write(tmp_path):
     m = MultiTokenLM(lmzoo.build("llama-debug"), 2)
-    apply_lora(m, target="attn.qkv", r=2)
+    apply_lora(m, target="mixer.qkv", r=2)
     with pytest.raises(ConfigError, match="multi-token prediction heads"):
         export_peft(m, tmp_path / "ad")
 

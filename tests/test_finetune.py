@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import lmzoo
 from lmzoo.peft.finetune import finetune
@@ -27,22 +30,55 @@ def _args(tmp_path, text, **kw):
     return {**args, **kw}
 
 
-def test_lora_finetune_writes_adapter_and_resumes(tmp_path):
+def test_lora_finetune_writes_adapter(tmp_path):
     text = _base(tmp_path)
-    s = finetune(tmp_path / "base", method="lora", target="attn.qkv|mlp.fc", r=2, **_args(tmp_path, text))
+    s = finetune(tmp_path / "base", method="lora", target="mixer.qkv|ffn.fc", r=2, **_args(tmp_path, text))
     assert s["trainable"] == 2 * (2 * (32 + 64) + 2 * (32 + 128))
     model = load_adapter(lmzoo.load(tmp_path / "base"), s["adapter_dir"])
     assert any(m.lora_B.abs().sum() > 0 for n, m in model.named_modules() if hasattr(m, "lora_B"))
-    s2 = finetune(tmp_path / "base", method="lora", target="attn.qkv|mlp.fc", r=2,
-                  **_args(tmp_path, text, max_steps=6, resume=True))
-    assert s2["step"] == 6
+
+
+def _adapter(summary) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(summary["adapter_dir"]) / "adapter.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_resumed_lora_and_qlora_finetunes_end_bit_identical(tmp_path, method):
+    """Stopped after 4 of 6 steps and resumed, a fine-tune ends with the same adapters, bit for bit, and the
+    same val loss as one that ran straight through (the schedule's horizon fixed by decay_steps)."""
+    text = _base(tmp_path)
+    kw = dict(method=method, target="mixer.qkv|ffn.fc", r=2)
+    run = lambda name, **a: finetune(tmp_path / "base", **kw, **_args(tmp_path, text, decay_steps=6,  # noqa: E731
+                                                                        out_dir=str(tmp_path / name), **a))
+    straight = run("straight", max_steps=6)
+    assert run("resumed", max_steps=4)["step"] == 4
+    resumed = run("resumed", max_steps=6, resume=True)
+    assert resumed["step"] == straight["step"] == 6
+    a, b = _adapter(straight), _adapter(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B"))  # the adapters trained
+    assert resumed["val_loss"] == straight["val_loss"]
+
+
+def test_adapter_initialization_follows_the_seed(tmp_path):
+    """Two fine-tunes with the same seed in one process start from (and so end with) the same adapters,
+    whatever ran before them; another seed gives others."""
+    text = _base(tmp_path)
+    run = lambda name, seed: _adapter(finetune(tmp_path / "base", method="lora", target="mixer.qkv", r=2,  # noqa: E731
+                                               **_args(tmp_path, text, max_steps=1, seed=seed,
+                                                       out_dir=str(tmp_path / name))))
+    first = run("a", 5)
+    torch.manual_seed(123)  # the global generator moved on, as any earlier work in the process would
+    again, other = run("b", 5), run("c", 6)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first if k.endswith("lora_A"))
 
 
 def test_full_finetune_with_frozen_embeddings(tmp_path):
     text = _base(tmp_path)
-    s = finetune(tmp_path / "base", method="full", freeze=r"^wte\.|^wpe\.", **_args(tmp_path, text))
+    s = finetune(tmp_path / "base", method="full", freeze=r"^embed\.|^pos_embed\.", **_args(tmp_path, text))
     base = lmzoo.build("gpt2-debug", vocab_size=257)
-    assert s["trainable"] == base.num_params() - base.wte.weight.numel() - base.wpe.weight.numel()
+    assert s["trainable"] == base.num_params() - base.embed.weight.numel() - base.pos_embed.weight.numel()
 
 
 def test_cli_finetune_lora(tmp_path, capsys):
@@ -51,7 +87,7 @@ def test_cli_finetune_lora(tmp_path, capsys):
     text = _base(tmp_path)
     args = _args(tmp_path, text)
     extra = [f"--{k}={v}" for k, v in args.items()]
-    assert main(["finetune", str(tmp_path / "base"), "--method=qlora", "--target=attn.proj", "--r=2", *extra]) == 0
+    assert main(["finetune", str(tmp_path / "base"), "--method=qlora", "--target=mixer.proj", "--r=2", *extra]) == 0
     out = capsys.readouterr().out
     assert "adapter:" in out and (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file()
 
@@ -61,7 +97,7 @@ def test_lora_finetune_from_a_hugging_face_directory(tmp_path):
     text = _base(tmp_path)
     cfg = transformers.GPT2Config(vocab_size=257, n_positions=32, n_embd=32, n_layer=2, n_head=4)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hf")
-    s = finetune(tmp_path / "hf", method="lora", target="attn.qkv", r=2, **_args(tmp_path, text))
+    s = finetune(tmp_path / "hf", method="lora", target="mixer.qkv", r=2, **_args(tmp_path, text))
     assert s["step"] == 4 and s["trainable"] == 2 * 2 * (32 + 96)
 
 

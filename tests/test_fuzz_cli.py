@@ -1,4 +1,4 @@
-"""CLI and config fuzzing (issue 12, item 4): random argv and YAML never give a traceback.
+"""CLI and config fuzzing: random argv and YAML never give a traceback.
 
 ``lmzoo.cli.app.main`` runs in-process on argument lists and ``--config`` YAML documents drawn by
 hypothesis. Each case must end as a run or as one line ``lmzoo: error: ...`` with exit code 2.
@@ -21,10 +21,11 @@ import pytest
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pip install -e '.[dev]')")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import lmzoo  # noqa: E402
+from _fuzz import fuzz  # noqa: E402
 from lmzoo.cli.app import build_parser, main  # noqa: E402
 from lmzoo.models import build  # noqa: E402
 from lmzoo.tokenizer import ByteTokenizer  # noqa: E402
@@ -139,16 +140,15 @@ yaml_docs = st.one_of(
     yaml_values,
 )
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
-@FUZZ
+@fuzz(120)
 @given(argv=argvs())
 def test_random_argv_never_gives_a_traceback(sandbox, argv):
     check(argv)
 
 
-@FUZZ
+@fuzz(120)
 @given(doc=yaml_docs, raw=st.one_of(st.none(), st.binary(max_size=40), st.text(max_size=40)), extra=st.lists(
     override, max_size=2))
 def test_random_yaml_config_never_gives_a_traceback(sandbox, doc, raw, extra):
@@ -168,7 +168,7 @@ def test_random_yaml_config_never_gives_a_traceback(sandbox, doc, raw, extra):
     ["serve", "--checkpoint", "ckpt", "--port", "-1"],
     ["report", "bpe", ""], ["plot", "x" * 300], ["report", "a\x85\rb"], ["train", "--model_args=0"],
     ["train", "--parallel.mode=0"], ["compare", "--budget", "steps=abc", "--run", "a:gpt2-debug"],
-    ["compare", "--budget", "flops=.nan", "--run", "a:gpt2-debug"],
+    ["compare", "--budget", "flops=.nan", "--run", "a:gpt2-debug"], ["train", "--model_args=--"],
 ])
 def test_known_hard_cases(sandbox, argv):
     """Cases the fuzzer found (each once a traceback or a two-line error), kept as plain regression tests."""

@@ -5,7 +5,7 @@ the safetensors header or ``train_state.pt`` hold, the command that reads them e
 Each case starts from a real file, made by lmzoo, and replaces it (or a field of it) with values drawn by
 hypothesis: junk of every JSON type, nested values, huge numbers, random bytes. The commands run in-process;
 the training loop is replaced by a sink (:class:`Reached`) so that ``lmzoo train --resume`` stops once every
-file is read and restored. Examples are few per file and derandomized: the suite stays fast and repeatable.
+file is read and restored. Examples are few per file (the suite stays fast) and new each run (tests/_fuzz.py).
 """
 
 from __future__ import annotations
@@ -23,16 +23,15 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pip install -e '.[dev]')")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import lmzoo  # noqa: E402
+from _fuzz import fuzz  # noqa: E402
 from lmzoo.cli.app import main  # noqa: E402
 from lmzoo.formats import checkpoint as ckpt  # noqa: E402
 from lmzoo.models import build  # noqa: E402
 from lmzoo.tokenizer import ByteTokenizer  # noqa: E402
-
-FILES = settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 class Reached(BaseException):  # noqa: N818 - not an error: every file was read and the loop would start
@@ -102,9 +101,13 @@ class replaced:
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.sampled_from([0, 1, -1, 2**63, 10**400]),
                     st.floats(allow_nan=True), st.text(max_size=12), st.sampled_from(["", "uint16", "int8", "F32",
                                                                                       "gpt2", "..", "/"]))
-json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                            st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                           max_leaves=8)
+
+
+def _json_containers(inner):
+    return st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3))
+
+
+json_values = st.recursive(scalars, _json_containers, max_leaves=8)
 raw_bytes = st.one_of(st.binary(max_size=64), st.sampled_from([b"", b"{", b"[" * 5000, b'{"a": ' * 3000,
                                                                b"\xff\xfe", b"1" * 5000, b"null"]))
 
@@ -132,14 +135,14 @@ def fuzz_json_file(data, f: Path, *commands: list) -> None:
             check(argv)
 
 
-@FILES
+@fuzz(20)
 @given(data=st.data())
 def test_random_config_json_never_gives_a_traceback(dirs, data):
     fuzz_json_file(data, dirs / "ckpt" / "config.json", ["info", "--checkpoint", dirs / "ckpt"],
                    ["generate", "--checkpoint", dirs / "ckpt", "--max-new-tokens", 2, "--device", "cpu"])
 
 
-@FILES
+@fuzz(20)
 @given(content=st.one_of(raw_bytes, st.text(max_size=40).map(lambda s: s.encode("utf-8", "surrogatepass")),
                          st.sampled_from([b"ckpt-00000000", b"../ckpt", b"/etc", b"ckpt-00000000/..", b".", b"",
                                           b"ckpt-99999999", b"ckpt-00000000\x00x", "ckpt-\u00e9".encode()])))
@@ -148,7 +151,7 @@ def test_random_latest_never_gives_a_traceback(dirs, content):
         check(["generate", "--checkpoint", dirs / "run", "--max-new-tokens", 2, "--device", "cpu"])
 
 
-@FILES
+@fuzz(20)
 @given(data=st.data())
 def test_random_meta_json_never_gives_a_traceback(dirs, data):
     fuzz_json_file(data, dirs / "data" / "meta.json",
@@ -161,7 +164,7 @@ def _header(file: Path) -> tuple[dict, bytes]:
     return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
-@FILES
+@fuzz(20)
 @given(data=st.data())
 def test_random_safetensors_header_never_gives_a_traceback(dirs, data):
     """The header is JSON of tensor name -> {dtype, shape, data_offsets}, after its length in 8 bytes."""
@@ -181,16 +184,18 @@ def test_random_safetensors_header_never_gives_a_traceback(dirs, data):
 
 
 # values torch.load(weights_only=True) gives back: plain containers, numbers, strings and tensors
+def _state_containers(inner):
+    keys = st.one_of(st.text(max_size=6), st.integers(0, 3))
+    return st.one_of(st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=3))
+
+
 state_values = st.recursive(
     st.one_of(scalars, st.builds(torch.zeros, st.lists(st.integers(0, 3), max_size=2)),
               st.sampled_from([torch.zeros((), dtype=torch.uint8), torch.ones(624, dtype=torch.int64)])),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.text(max_size=6),
-                                                                                   st.integers(0, 3)), inner,
-                                                                         max_size=3)),
-    max_leaves=6)
+    _state_containers, max_leaves=6)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@fuzz(20)
 @given(data=st.data())
 def test_random_train_state_never_gives_a_traceback(dirs, data):
     """``lmzoo train --resume`` reads every entry of the train state (optimizer, scaler, loader, RNG states,

@@ -64,18 +64,32 @@ def smol(smollm2):
 
 
 @pytest.fixture(scope="module")
-def hf_smol():
+def transformers_gguf():
+    """transformers, its GGUF loading spared two repetitions of pure work (the reference stays its own code):
+    it parses the SmolLM2 file with ``gguf.GGUFReader`` three times (the config, the weights, the
+    tokenizer's config; ~8 s each, a numpy view per vocabulary string), here once; and it rebuilds gguf's
+    tensor-name table (a function of the architecture and the layer count) ~400 times, here once."""
     import functools
 
     import gguf.tensor_mapping
 
     tf = _transformers()
-    # transformers rebuilds gguf's tensor-name table (a pure function of the architecture and the layer
-    # count) once per module of the model, ~400 times; memoized here, its load takes seconds less
+    new_reader = gguf.GGUFReader
+    smol_reader = functools.lru_cache(None)(new_reader)  # the installed file is read-only: one parse serves all
+
+    def reader(path, mode="r"):
+        return smol_reader(str(path)) if mode == "r" and Path(path) == SMOL else new_reader(path, mode)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(None)(gguf.tensor_mapping.get_tensor_name_map))
-        return tf.AutoModelForCausalLM.from_pretrained(str(SMOL.parent), gguf_file=SMOL.name,
-                                                       dtype=torch.float32).eval()
+        mp.setattr(gguf, "GGUFReader", reader)
+        yield tf
+
+
+@pytest.fixture(scope="module")
+def hf_smol(transformers_gguf):
+    return transformers_gguf.AutoModelForCausalLM.from_pretrained(str(SMOL.parent), gguf_file=SMOL.name,
+                                                                  dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +98,8 @@ def smol_tok(smollm2):
 
 
 @pytest.fixture(scope="module")
-def hf_smol_tok():
-    tf = _transformers()
-    return tf.AutoTokenizer.from_pretrained(str(SMOL.parent), gguf_file=SMOL.name)
+def hf_smol_tok(transformers_gguf):
+    return transformers_gguf.AutoTokenizer.from_pretrained(str(SMOL.parent), gguf_file=SMOL.name)
 
 
 @needs_smol
@@ -274,6 +287,20 @@ def test_to_gguf_f32_llama_reads_back_in_transformers_and_lmzoo(tmp_path, tied):
     assert back.config.tie_embeddings == tied and back.config.n_kv_head == 2
 
 
+def test_mixture_of_experts_round_trips_with_stacked_experts(tmp_path):
+    """Mixtral-style experts: one (E, ...) tensor per kind in the file, split per expert on the way back."""
+    model = _llama(n_experts=4, n_experts_per_tok=2, mlp_hidden=64)
+    path = to_gguf(model, tmp_path / "moe.gguf", dtype="f32")
+    with read(path) as f:
+        assert f.tensors["blk.0.ffn_gate_exps.weight"].shape == (4, 64, 64)
+        assert f.tensors["blk.0.ffn_gate_inp.weight"].type_name == "F32"
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(4))
+    back = from_gguf(path)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    assert back.config.n_experts == 4 and back.config.n_experts_per_tok == 2
+
+
 def test_to_gguf_q8_0_weights_are_within_half_a_quantization_step(tmp_path):
     """Q8_0: per block of 32 weights, d = max|w| / 127 (an f16) and q = round(w / d): every weight reads
     back within d / 2, plus the f16 rounding of d (at most 2^-11 d per unit of q, so 127 * 2^-11 d)."""
@@ -294,6 +321,8 @@ def test_to_gguf_q8_0_weights_are_within_half_a_quantization_step(tmp_path):
     ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (back(ids).logits - model(ids).logits).abs().max().item() < 0.05
+        # transformers reads the same blocks as the same weights
+        assert (_hf_from_gguf(path)(ids).logits - back(ids).logits).abs().max().item() < 1e-5
 
 
 def test_to_gguf_gpt2_reads_back_in_transformers_and_lmzoo(tmp_path):
@@ -379,6 +408,13 @@ def _cases(good: Path, d: Path) -> dict[str, tuple[Path, str]]:
     case("empty", b"", "not a GGUF file")
     # tensor info: name, n_dims u32 (2), dims u64 x 2, type u32: unknown type 99
     case("unknown-type", _patch_u32_after(data, b"token_embd.weight", 4 + 16, 99), "unknown tensor type 99")
+    # a type ggml knows but nothing here dequantizes (I8: 1 byte a value, so the data still fits the file)
+    case("unreadable-type", _patch_u32_after(data, b"token_embd.weight", 4 + 16, int(gguf.GGMLQuantizationType.I8)),
+         "'token_embd.weight' has type I8, which lmzoo cannot dequantize")
+    # ne[1] = 2^62 rows of 64: 2^68 values, past 64 bits (gguf.GGUFReader's numpy product wraps around)
+    at = data.index(b"token_embd.weight") + len(b"token_embd.weight") + 4 + 8
+    case("overflowing-dims", data[:at] + struct.pack("<Q", 2**62) + data[at + 8:],
+         "truncated GGUF file: tensor 'token_embd.weight'")
     # the metadata claims 10^9 layers
     case("billion-layers", _patch_u32_after(data, b"llama.block_count", 4, 10**9), "1,000,000,000")
     case("mlp-mismatch", _patch_u32_after(data, b"llama.feed_forward_length", 4, 4096), "the metadata implies")

@@ -199,7 +199,7 @@ def _alias_bomb(levels: int) -> str:
     ("a: &a [1, *a]\n", "refers to the value that contains it"),  # a cycle
     ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),  # the composer recursed once per level
     ("lr: " + "1" * 5000 + "\n", "not valid YAML"),  # an integer longer than Python converts
-])
+], ids=["aliases-9-levels", "aliases-6-levels", "alias-cycle", "nested-5000", "integer-5000-digits"])
 def test_yaml_recipe_bombs_are_refused_fast_with_a_short_message(doc, needle, data_dir, tmp_path, capsys):
     recipe = tmp_path / "bomb.yaml"
     recipe.write_text(doc)

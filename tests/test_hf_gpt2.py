@@ -79,9 +79,9 @@ def assert_fully_loaded(model) -> None:
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         assert not t.is_meta, name
     if model.config.tie_embeddings:
-        assert model.lm_head.weight is model.wte.weight
+        assert model.head.weight is model.embed.weight
     else:
-        assert model.lm_head.weight is not model.wte.weight
+        assert model.head.weight is not model.embed.weight
 
 
 # -- 1. safetensors: logits and greedy decoding ------------------------------------------------
@@ -106,7 +106,7 @@ def test_from_hf_builds_on_meta_so_no_weight_is_initialized(tmp_path, monkeypatc
     original = GPT.init_weights
 
     def spy(self):
-        devices.append(self.wte.weight.device.type)
+        devices.append(self.embed.weight.device.type)
         original(self)
 
     monkeypatch.setattr(GPT, "init_weights", spy)

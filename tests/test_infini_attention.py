@@ -30,14 +30,14 @@ def test_a_single_segment_is_plain_softmax_attention(family, kw):
 def test_with_the_memory_gated_off_each_segment_is_local_attention():
     base, infini = pair("gpt2-debug", pos_emb="rope")
     for block in infini.blocks:
-        block.attn.gate.data.fill_(-1e4)  # sigmoid(beta) == 0: the memory path is off
+        block.mixer.gate.data.fill_(-1e4)  # sigmoid(beta) == 0: the memory path is off
     x = torch.randint(0, 97, (2, 3 * SEG))
     got = infini(x).logits
     for s in range(3):  # RoPE is relative: each segment alone is the softmax model on that segment
         seg = x[:, s * SEG : (s + 1) * SEG]
         assert (got[:, s * SEG : (s + 1) * SEG] - base(seg).logits).abs().max() <= 1e-4
     for block in infini.blocks:
-        block.attn.gate.data.fill_(0.0)  # memory on: later segments now see earlier ones
+        block.mixer.gate.data.fill_(0.0)  # memory on: later segments now see earlier ones
     assert (infini(x).logits[:, SEG:] - got[:, SEG:]).abs().max() > 1e-4
 
 
@@ -92,7 +92,7 @@ def test_converted_pretrained_model_equals_the_original_on_one_segment(tmp_path)
     x = torch.randint(0, 97, (2, 16))
     assert (converted(x).logits - original(x).logits).abs().max() <= 1e-4
     assert {n for n, _ in converted.named_parameters()} - {n for n, _ in original.named_parameters()} == {
-        f"blocks.{i}.attn.gate" for i in range(2)
+        f"blocks.{i}.mixer.gate" for i in range(2)
     }
     lmzoo.save(converted, tmp_path / "ckpt")  # the config says attention=infini: it loads back as such
     assert torch.equal(lmzoo.load(tmp_path / "ckpt")(x).logits, converted(x).logits)

@@ -65,10 +65,10 @@ def test_update_grid_keeps_the_function_on_the_data_it_saw():
 
 def test_kan_feed_forward_in_a_gpt_has_about_the_parameters_of_the_mlp():
     mlp, kan = lmzoo.build("gpt2-char-cpu"), lmzoo.build("gpt2-char-cpu", mlp="kan")
-    assert isinstance(kan.blocks[0].mlp, KANFeedForward)
+    assert isinstance(kan.blocks[0].ffn, KANFeedForward)
     assert kan.config.hidden == kan_hidden(128) == 51
     assert abs(kan.num_params() / mlp.num_params() - 1) < 0.02
-    assert lmzoo.build("gpt2-debug", mlp="kan", mlp_hidden=7).blocks[0].mlp.fc.out_features == 7
+    assert lmzoo.build("gpt2-debug", mlp="kan", mlp_hidden=7).blocks[0].ffn.fc.out_features == 7
 
 
 def test_kan_gpt_is_causal_and_cached_decoding_matches(tmp_path):
@@ -103,7 +103,7 @@ def test_tiny_kan_model_trains_and_update_grid_runs_inside_it(shakespeare_data, 
     model = trainer.model.eval()
     with torch.no_grad():
         before = model(x, y).loss.item()
-        grid = model.blocks[0].mlp.fc.grid.clone()
+        grid = model.blocks[0].ffn.fc.grid.clone()
         assert update_model_grids(model, x) == model.config.n_layer
-        assert not torch.equal(model.blocks[0].mlp.fc.grid, grid)
+        assert not torch.equal(model.blocks[0].ffn.fc.grid, grid)
         assert model(x, y).loss.item() < before + 0.3

@@ -20,7 +20,7 @@ def test_only_the_first_layer_of_a_group_projects_keys_and_values():
     base = lmzoo.build("gpt2-debug", n_layer=4, bias=False)
     cfg = m.config
     q_rows, kv_rows = cfg.n_head * cfg.head_dim, 2 * cfg.n_kv_head * cfg.head_dim
-    assert [b.attn.qkv.out_features for b in m.blocks] == [q_rows + kv_rows, q_rows] * 2
+    assert [b.mixer.qkv.out_features for b in m.blocks] == [q_rows + kv_rows, q_rows] * 2
     assert base.num_params() - m.num_params() == 2 * kv_rows * cfg.n_embd
 
 
@@ -37,12 +37,12 @@ def test_cached_decoding_matches_full_forward_with_a_short_last_group():
 def test_gradients_reach_the_shared_projection_from_every_layer_of_its_group():
     m = lmzoo.build("gpt2-debug", n_layer=2, kv_share_every=2)
     x = torch.randint(0, 97, (2, 12))
-    out = m.blocks[1].attn  # the layer that reuses layer 0's keys/values
-    w = m.blocks[0].attn.qkv.weight
+    out = m.blocks[1].mixer  # the layer that reuses layer 0's keys/values
+    w = m.blocks[0].mixer.qkv.weight
     kv_rows = slice(m.config.n_head * m.config.head_dim, None)
     # the loss through layer 1 alone still moves layer 0's K/V rows
-    h = m.wte(x) + m.wpe(torch.arange(12))
-    _, _, kv = m.blocks[0](h)
-    y, _ = out(m.blocks[1].ln_1(h), kv=kv)
+    h, ctx = m.begin(x, None)
+    m.blocks[0](h, ctx, 0)  # the group's first layer leaves its keys/values in the chunk's context
+    y, _ = out(m.blocks[1].mixer_norm(h), kv=ctx.shared[0])
     y.sum().backward()
     assert w.grad[kv_rows].abs().sum() > 0

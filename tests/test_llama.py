@@ -263,7 +263,7 @@ def test_rolling_and_full_caches_agree_on_a_local_global_pattern():
     assert m.windows == [4, 4, None, 4]
     x = torch.randint(0, 97, (1, 30))
     full = m(x).logits
-    rolling, plain = m.init_cache(1, 30), m.init_cache(1, 30, rolling=False)
+    rolling, plain = m.init_cache(1, 30), m.init_cache(1, 30, rollback=True)
     assert isinstance(plain, KVCache) and [t.shape[2] for t in rolling.k] == [4, 4, 30, 4]
     for cache in (rolling, plain):
         got = torch.cat([m(x[:, :9], cache=cache).logits] + [m(x[:, t : t + 1], cache=cache).logits

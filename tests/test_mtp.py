@@ -108,7 +108,7 @@ def test_self_speculative_greedy_equals_ordinary_greedy(preset, overrides, n):
 def test_bad_inputs_are_refused():
     with pytest.raises(ConfigError, match="n_future"):
         MultiTokenLM(lmzoo.build("gpt2-debug"), n_future=0)
-    with pytest.raises(ConfigError, match="mixture-of-experts"):
+    with pytest.raises(ConfigError, match="gpt2 model: its ffn is a mixture of experts"):
         MultiTokenLM(lmzoo.build("gpt2-moe-debug"), n_future=2)
     m = make("gpt2-debug", {}, n=2)  # learned positions: block_size 32
     with pytest.raises(ConfigError, match="positions"):

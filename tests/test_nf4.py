@@ -95,7 +95,7 @@ def test_padding_and_exact_zero():
 def test_quantized_model_weights_under_0_3x_of_bf16():
     # linear layers dominate, as in real LLMs (embeddings and norms stay bf16)
     model = lmzoo.build("llama-debug", n_embd=256, n_head=4, n_kv_head=4, vocab_size=64)
-    report = apply_qlora(model, target="attn.qkv|attn.proj", r=4)
+    report = apply_qlora(model, target="mixer.qkv|mixer.proj", r=4)
     assert report["quantized_ratio"] < 0.27  # 4.127 bits per weight / 16
     r = memory_report(model)
     assert r["ratio"] <= 0.3, r
@@ -106,7 +106,7 @@ def test_qlora_forward_close_to_base_and_only_adapters_train():
     model = lmzoo.build("gpt2-debug").eval()
     idx = torch.randint(0, 97, (2, 16))
     base = model(idx).logits
-    apply_qlora(model, target="attn.qkv|mlp.*", r=4, compute_dtype=torch.float32)
+    apply_qlora(model, target="mixer.qkv|ffn.*", r=4, compute_dtype=torch.float32)
     out = model(idx, targets=idx)
     assert (out.logits - base).abs().max() < 0.05  # 4-bit weights: close, not equal
     out.loss.backward()
@@ -136,5 +136,5 @@ def test_info_reports_nf4_weight_memory(capsys):
     assert "NF4 (QLoRA) weights" in capsys.readouterr().out
     model = lmzoo.build("llama-debug", n_embd=256, n_head=4, n_kv_head=4, vocab_size=64)
     e = estimate(model)
-    apply_qlora(model, target="attn.qkv", r=2)
+    apply_qlora(model, target="mixer.qkv", r=2)
     assert e["model_bytes"] == memory_report(model)["model_bytes"] and e["ratio"] <= 0.3

@@ -110,6 +110,16 @@ def test_parquet_and_hub_data_without_their_packages_name_the_extra(tmp_path, ca
     assert "needs datasets: pip install 'lmzoo[hf]'" in line
 
 
+def test_gguf_without_its_package_names_the_extra(tmp_path, monkeypatch):
+    from lmzoo.errors import CheckpointError
+
+    _absent(monkeypatch, "gguf")
+    message = r"^reading or writing GGUF files needs gguf: pip install 'lmzoo\[gguf\]'$"
+    with pytest.raises(CheckpointError, match=message):
+        lmzoo.to_gguf(build("llama-debug"), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_nvml_readings_are_simply_absent_without_nvidia_ml_py(monkeypatch):
     """The one optional package whose absence is not an error: the GPU readings are left out."""
     from lmzoo.train import loggers

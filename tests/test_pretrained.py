@@ -79,6 +79,23 @@ def test_info_list_shows_pretrained_names_apart_from_presets(capsys):
     assert "llama-debug" in presets and NAME not in presets and NAME in pretrained
 
 
+def test_the_model_verbs_take_the_model_first_or_as_checkpoint(tmp_path, capsys):
+    """``lmzoo generate MODEL`` is ``lmzoo generate --checkpoint MODEL``; none, or two different, is one line."""
+    from lmzoo.cli import main
+
+    lmzoo.save(lmzoo.build("llama-debug", vocab_size=257), tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    argv = ["--prompt", "hi", "--max_new_tokens", "3", "--temperature", "0"]
+    assert main(["generate", str(tmp_path / "ckpt"), *argv]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), *argv]) == 0
+    assert capsys.readouterr().out == first and first.startswith("hi")
+    assert main(["chat"]) == 2
+    assert "chat: which model? lmzoo chat MODEL" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "ckpt"), "--checkpoint", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "eval: two models given" in err and err.count("\n") == 1
+
+
 # -- chat templates ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source", [
@@ -153,11 +170,48 @@ def test_complete_answers_a_question_with_the_models_template(smol):
 def test_streaming_pieces_join_to_the_completion_and_stop_strings_cut(smol):
     model, tok = smol
     prompt = "Once upon a time, in a small village by the sea,"
-    pieces = list(lmzoo.stream_complete(model, prompt, tokenizer=tok, max_new_tokens=16))
-    whole = lmzoo.complete(model, prompt, tokenizer=tok, max_new_tokens=16)
+    pieces = list(lmzoo.stream_complete(model, prompt, tokenizer=tok, max_new_tokens=10))
+    whole = lmzoo.complete(model, prompt, tokenizer=tok, max_new_tokens=10)
     assert len(pieces) > 1 and "".join(pieces) == whole
-    cut = lmzoo.complete(model, prompt, tokenizer=tok, max_new_tokens=16, stop=["wizard"])
+    cut = lmzoo.complete(model, prompt, tokenizer=tok, max_new_tokens=10, stop=["wizard"])
     assert "wizard" in whole and cut == whole[: whole.index("wizard")]
+
+
+@needs_smol
+@needs_gguf
+def test_serve_answers_the_openai_client_with_the_models_template_and_name(smol):
+    """``lmzoo serve smollm2-135m-instruct`` in process: the model id is the name it was loaded by, and a
+    chat request is rendered with SmolLM2's own ChatML template (its token count is the template's)."""
+    openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install openai)")
+    testclient = pytest.importorskip("fastapi.testclient", reason="serving needs fastapi (lmzoo[serve])")
+    from lmzoo.decoding.generate import encode_prompt
+    from lmzoo.formats.load import display_name
+    from lmzoo.serving.serve import Server, create_app
+
+    model, tok = smol
+    server = Server(model, tok, model_name=display_name(NAME))
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    with testclient.TestClient(create_app(server), base_url="http://127.0.0.1") as http:
+        client = openai.OpenAI(base_url="http://127.0.0.1/v1", api_key="unused", http_client=http, max_retries=0)
+        assert [m.id for m in client.models.list().data] == [NAME]
+        answer = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
+    assert answer.model == NAME and answer.choices[0].finish_reason == "stop"
+    assert "Paris" in answer.choices[0].message.content and "<|im_end|>" not in answer.choices[0].message.content
+    templated, _ = render_chat(messages, tok)
+    assert templated.startswith("<|im_start|>system\nYou are terse.<|im_end|>")
+    assert answer.usage.prompt_tokens == len(encode_prompt(tok, templated))
+
+
+def test_serve_refuses_a_hostile_template_before_the_first_request():
+    from lmzoo.serving.serve import Server
+
+    tok = ByteTokenizer()
+    tok.chat_template = "{{ ''.__class__.__mro__ }}"
+    with pytest.raises(CheckpointError, match="refused: it reaches the Python internal '__mro__'"):
+        Server(lmzoo.build("llama-debug"), tok)
+    with pytest.raises(ConfigError, match="no chat template"):
+        Server(lmzoo.build("llama-debug"), ByteTokenizer(), template="model")
 
 
 def test_complete_without_a_tokenizer_is_one_line():
@@ -192,15 +246,24 @@ def test_convert_between_gguf_hf_and_lmzoo_keeps_logits_and_tokenizer(tmp_path, 
             assert (back(ids).logits - want).abs().max().item() < 1e-5, dst
         assert back_tok.encode("the lazy fox") == tok.encode("the lazy fox")
         assert back_tok.chat_template == tok.chat_template
+    # transformers' generate stops at the end token it reads there
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == tok.eos_id
     assert "wrote" in capsys.readouterr().out
 
 
-def test_merge_lora_writes_plain_weights_that_compute_what_the_adapters_did(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_merge_lora_writes_plain_weights_that_compute_what_the_adapters_did(tmp_path, capsys, method):
+    """LoRA over plain weights, and QLoRA's over NF4 ones (merged into their dequantized values)."""
     from lmzoo.cli import main
     from lmzoo.peft.lora import apply_lora, lora_modules
+    from lmzoo.peft.qlora import apply_qlora
 
     model = _tiny_llama()
-    apply_lora(model, target=".*", r=4)
+    if method == "qlora":
+        apply_qlora(model, compute_dtype=torch.float32, target=".*", r=4)
+        assert model.nf4  # the base weights are NF4 blocks
+    else:
+        apply_lora(model, target=".*", r=4)
     with torch.no_grad():
         for _, m in lora_modules(model):
             m.lora_B.normal_(std=0.02)  # trained adapters: B is no longer zero

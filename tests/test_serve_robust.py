@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from _fuzz import fuzz
 from _tiny_run import tiny_run
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[dev]')")
@@ -476,8 +477,7 @@ def _check_answer(client, path: str, raw: bytes) -> None:
         assert json.loads(text)["choices"]
 
 
-@hypothesis.settings(max_examples=120, deadline=None, derandomize=True,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+@fuzz(120)
 @hypothesis.given(body=bodies, path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
 def test_fuzzed_request_bodies_never_get_a_500_or_hang(fuzz_client, body, path):
     raw = json.dumps(body, allow_nan=True, ensure_ascii=False).encode("utf-8", "surrogatepass")

@@ -232,8 +232,13 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_newest_checkpoint(da
         lmzoo.load(out)  # the newest checkpoint always loads
         state = lmzoo.formats.checkpoint.load_train_state(lmzoo.formats.checkpoint.resolve(out))
         assert state["step"] >= 1
+        if state["step"] == 40:  # this run finished before its kill: a further resume is refused
+            break
     assert kills >= 1
     r = subprocess.run(args, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    if state["step"] == 40:
+        assert r.returncode == 2 and "reached step 40" in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
     assert json.loads((out / "train_config.json").read_text())["max_steps"] == 40
     assert lmzoo.formats.checkpoint.load_train_state(lmzoo.formats.checkpoint.resolve(out))["step"] == 40

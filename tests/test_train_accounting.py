@@ -184,7 +184,7 @@ def test_transformer_xl_flops_count_memory_only_when_used(mem_len):
     recurrent = _keys_attended(model, T, 3, with_memory=True)  # the memory is full after the first segments
     assert plain == T and recurrent == T + mem_len
     assert model.flops_per_token(T) == weights + per_key * plain
-    assert model.flops_per_token(T, memory=True) == weights + per_key * recurrent
+    assert model.flops_per_token(T, recurrent=True) == weights + per_key * recurrent
 
 
 def test_trainer_and_compare_count_xl_memory_only_with_recurrence(prepare_text, tmp_path):
@@ -200,7 +200,7 @@ def test_trainer_and_compare_count_xl_memory_only_with_recurrence(prepare_text, 
         trainer = Trainer(TrainConfig.from_dict(cfg))
         fpt, n = trainer.flops_per_token, cfg["max_steps"]
         assert fpt * _tokens(n, cfg) >= flops > fpt * _tokens(n - 1, cfg)  # compare's FLOPs are the trainer's
-        expected = trainer.model.flops_per_token(16, memory=cfg.get("recurrence", False))
+        expected = trainer.model.flops_per_token(16, recurrent=cfg.get("recurrence", False))
         assert fpt == expected
         chosen[name] = (fpt, n)
     assert chosen["xlr"][0] > chosen["xl"][0]  # 32 keys per query with the memory, 16 without

@@ -66,12 +66,22 @@ def records(out: Path, kind: str) -> list[dict]:
 # -- precision -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_mixed_precision_trains_with_autocast_and_a_scaler_for_fp16(data_dir, tmp_path, dtype):
+    """Under autocast every Linear of the model computes in the compute dtype from float32 inputs (the
+    weights and the residual stream stay float32); float32 runs without it. float16 adds a loss scaler."""
     t = Trainer(tiny(data_dir, tmp_path / dtype, dtype=dtype, max_steps=3))
     assert t.scaler.is_enabled() == (dtype == "float16")
+    seen: list[tuple[torch.dtype, torch.dtype]] = []  # (input, output) dtype of each Linear call
+    linears = [m for m in t.model.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype))) for m in linears]
     s = t.train()
+    for h in hooks:
+        h.remove()
     assert s["step"] == 3 and s["nonfinite_steps"] == 0
+    assert len(seen) >= 3 * len(linears)  # every layer, every step (evaluation and sampling add more)
+    assert {o for _, o in seen} == {getattr(torch, dtype)}
+    assert torch.float32 in {i for i, _ in seen}
     assert all(p.dtype == torch.float32 for p in t.model.parameters())  # fp32 master weights
 
 

@@ -1,4 +1,4 @@
-"""Untrusted files (issue 12, item 3): every bad file is one clear error, before any large allocation.
+"""Untrusted files: every bad file is one clear error, before any large allocation.
 
 Pickle payloads never run, truncated or bit-flipped safetensors are refused (lmzoo files carry a
 SHA-256 of their tensors), absurd or mistyped configs fail in well under a second, tokenizer files
@@ -319,7 +319,7 @@ def test_cuda_memory_is_what_is_checked_on_a_gpu(ckpt):
     cfg = preset_config("llama-debug", n_layer=2048, n_embd=8192, n_head=64)  # > 5e11 bytes: no GPU has that
     with pytest.raises(memguard.ModelTooLargeError, match="cuda has"):
         memguard.check_fits("llama", cfg, "cuda")
-    assert lmzoo.load(ckpt, device="cuda").lm_head.weight.is_cuda
+    assert lmzoo.load(ckpt, device="cuda").head.weight.is_cuda
 
 
 def test_cuda_free_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):

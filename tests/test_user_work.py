@@ -246,6 +246,23 @@ def test_help_lists_every_setting_with_type_default_and_meaning(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip().startswith(f"lmzoo {lmzoo.__version__}")
 
 
+def test_version_and_print_config_through_the_real_cli(tmp_path, capsys, monkeypatch):
+    from lmzoo import __version__
+
+    r = lmzoo("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith(f"lmzoo {__version__} (torch {torch.__version__}"), r
+    r = lmzoo("train", "--print-config", "--max-steps", "7", "--model.n-layer=3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert list(tmp_path.iterdir()) == []  # printing the settings prepares, trains and writes nothing
+    printed = yaml.safe_load(r.stdout)
+    assert printed["max_steps"] == 7 and printed["model_args"] == {"n_layer": 3}
+    # what it prints is a recipe: read back with --config, it gives the same settings
+    (tmp_path / "recipe.yaml").write_text(r.stdout)
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli(capsys, "train", "--config", "recipe.yaml", "--print_config")
+    assert rc == 0 and yaml.safe_load(out) == printed, err
+
+
 def test_bench_fits_the_preset_and_reports_median_and_spread(home, capsys):
     r = lmzoo("bench", "generate", "--preset", "gpt2-char-cpu", "--repeats", "3", cwd=home)
     assert r.returncode == 0, r.stderr

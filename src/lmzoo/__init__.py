@@ -3,7 +3,7 @@
 Public API::
 
     model = lmzoo.build("gpt2-improved", n_layer=6)      # a preset with overrides
-    model = lmzoo.load("runs/default")                   # an lmzoo checkpoint (or run directory)
+    model = lmzoo.load("runs/latest")                    # an lmzoo checkpoint (or run directory)
     model = lmzoo.from_hf("path/to/hf-dir")              # a Hugging Face checkpoint directory
     lmzoo.to_hf(model, "out/hf")                         # ... and back
     model = lmzoo.from_gguf("model.Q4_1.gguf")           # a llama.cpp GGUF file, dequantized
@@ -11,7 +11,7 @@ Public API::
     model, tok = lmzoo.load_any("smollm2-135m-instruct") # any of these, or a pretrained model by name
     lmzoo.complete("smollm2-135m-instruct", "The capital of France is")   # text in, text out
     lmzoo.generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=0)
-    lmzoo.train(max_steps=200)                            # the trainer (see lmzoo.TrainConfig)
+    lmzoo.train(max_steps=200)                            # a new run in runs/ (see lmzoo.TrainConfig)
 """
 
 from __future__ import annotations

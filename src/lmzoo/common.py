@@ -9,6 +9,7 @@ written for people.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -74,6 +75,12 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.3g} PB"
+
+
+def smoke_mode() -> bool:
+    """``LMZOO_SMOKE=1``: the documentation's commands run at a tiny budget (their smoke tests set it):
+    training steps / 1000, one evaluation batch, built-in corpora cut to a few documents, one bench repeat."""
+    return os.environ.get("LMZOO_SMOKE", "") not in ("", "0")
 
 
 def optional_import(module: str, extra: str, needed_for: str, package: str | None = None) -> ModuleType:

@@ -7,10 +7,15 @@ unknown keys or invalid values raise :class:`~lmzoo.errors.ConfigError` naming t
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import math
 import os
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -210,6 +215,48 @@ class Config:
     @classmethod
     def from_json(cls: type[C], path: str | Path) -> C:
         return cls.from_dict(read_json(path))
+
+
+def field_docs(cls: type) -> dict[str, tuple[str, str]]:
+    """``{field: (meaning, section)}`` of a config dataclass, read from the comments in its source.
+
+    A field's meaning is the comment on its line, else the comment lines just above it; a comment block
+    above a field that has its own comment names the section the following fields belong to. This keeps
+    the one-line docs where a reader of the class sees them, and ``lmzoo train --help`` lists the same text.
+    Fields of base classes come first; a class whose source is unavailable gives no docs.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or "__dataclass_fields__" not in vars(klass):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        comments: dict[int, str] = {}  # line number -> comment text
+        code_lines: set[int] = set()
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+                code_lines.add(tok.start[0])
+        section = ""
+        body = ast.parse(src).body[0]
+        for node in getattr(body, "body", []):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            above, line = [], node.lineno - 1
+            while line in comments and line not in code_lines:  # the comment-only lines just above
+                above.insert(0, comments[line])
+                line -= 1
+            trailing = [comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in comments]
+            if trailing:
+                section = " ".join(above) or section
+                doc = " ".join(trailing)
+            else:
+                doc = " ".join(above)
+            out[node.target.id] = (doc, section)
+    return out
 
 
 # Bounds on settings files read from disk. A file may come from someone else: a 3 GB config.json, or

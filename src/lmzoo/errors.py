@@ -36,6 +36,15 @@ class ResourceError(LmzooError):
     exit_code = 3
 
 
+class Interrupted(LmzooError):
+    """Work stopped by a signal after saving what it had: exit code 128 + the signal, as shells expect
+    (130 for Ctrl-C / SIGINT, 143 for SIGTERM), so ``lmzoo ... && next`` does not carry on."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 QUOTE_CHARS = 200  # the most of a user's value an error message repeats
 
 

@@ -69,7 +69,8 @@ def write_model(model: Any, tokenizer: Any, dst: str | Path, to: str, dtype: str
 
 def save_hf_tokenizer(tok: Any, directory: Path) -> None:
     """``tokenizer.json`` + a transformers ``tokenizer_config.json`` (special tokens, chat template) in
-    ``directory``; a tokenizer ``transformers`` has no form of (byte, char) is left out."""
+    ``directory``, and ``generation_config.json`` with the BOS/EOS ids (without it transformers' ``generate``
+    runs past the end of a chat turn); a tokenizer ``transformers`` has no form of (byte, char) is left out."""
     from lmzoo.formats.atomic import atomic_write_text
     from lmzoo.tokenizer import HFTokenizer
 
@@ -81,6 +82,9 @@ def save_hf_tokenizer(tok: Any, directory: Path) -> None:
         config["chat_template"] = tok.chat_template
     atomic_write_text(directory / "tokenizer.json", tok.backend.to_str())
     atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    if tok.eos_id is not None:
+        atomic_write_text(directory / "generation_config.json", json.dumps(ids, indent=2) + "\n")
 
 
 def cmd_convert(args: argparse.Namespace, extra: list[str]) -> int:

@@ -13,7 +13,7 @@ from lmzoo.memguard import MetaWithoutInit
 def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
-    from lmzoo.config import parse_overrides
+    from lmzoo.cli.options import model_overrides
     from lmzoo.models import PRESETS, build, preset_config
 
     if args.list:
@@ -32,7 +32,7 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.preset and registry.is_name(args.preset) and not args.checkpoint:
         args.checkpoint, args.preset = args.preset, None  # `lmzoo info smollm2-135m-instruct`
-    overrides = parse_overrides(extra)
+    overrides = model_overrides(extra)  # --model.n_layer=6 (the convention everywhere), or --n_layer=6
     if args.flops is not None and not args.preset and not args.checkpoint:
         if overrides:
             raise ConfigError("info: overrides apply to presets, not to a FLOP budget")
@@ -77,12 +77,12 @@ def cmd_info(args: argparse.Namespace, extra: list[str]) -> int:
         f"{k} {fmt_bytes(n * b)}" for k, b in (("fp32", 4), ("bf16", 2), ("int8", 1), ("4-bit", 0.5))
     ))
     print(f"  training memory      ~{fmt_bytes(16 * n)} (fp32 weights + grads + AdamW moments; activations extra)")
-    kv = getattr(cfg, "n_kv_head", None)
-    if kv and hasattr(cfg, "head_dim"):
-        per_tok = 2 * cfg.n_layer * kv * cfg.head_dim
-        print(f"  KV cache per token   {fmt_bytes(per_tok * 2)} in bf16 ({fmt_bytes(per_tok * 2 * T)} at {T} tokens)")
-    elif hasattr(model, "init_cache"):  # a recurrent state (Mamba) or a hybrid one (Jamba): ask the model
-        state = model.init_cache(1, T, dtype=torch.bfloat16, device="meta").nbytes
+    # the decoding state the model itself builds (shapes only, on meta): a KV cache grows with the length,
+    # a recurrent state (Mamba) or a ring of a sliding window does not
+    state, longer = (model.init_cache(1, n_tok, dtype=torch.bfloat16, device="meta").nbytes for n_tok in (T, 2 * T))
+    if longer > state:
+        print(f"  KV cache per token   {fmt_bytes((longer - state) / T)} in bf16 ({fmt_bytes(state)} at {T} tokens)")
+    else:
         print(f"  decoding state       {fmt_bytes(state)} per sequence in bf16 at {T} tokens")
     from lmzoo.quant import memory_lines
 

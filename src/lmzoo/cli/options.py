@@ -186,8 +186,11 @@ def given_settings(args: argparse.Namespace, cls: type, extra: Sequence[str] = (
     from lmzoo.config import parse_overrides
 
     hints = typing.get_type_hints(cls)
-    out = {f.name: _value(getattr(args, f.name), hints[f.name])
-           for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    given = [f.name for f in dataclasses.fields(cls) if hasattr(args, f.name)]
+    for name in given:  # argparse hands `--key=--` over as a list of what followed the `--`
+        if not isinstance(getattr(args, name), str):
+            raise ConfigError(f"--{name} needs a value (--{name}=VALUE)")
+    out = {name: _value(getattr(args, name), hints[name]) for name in given}
     for key, value in parse_overrides(list(extra)).items():
         head, _, name = key.partition(".")
         field = DOTTED.get(head)

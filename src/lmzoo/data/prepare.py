@@ -24,8 +24,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from lmzoo.common import smoke_mode
 from lmzoo.config import SIZE_LIMITS, check_parallelism, read_json
-from lmzoo.data.sources import SAFE_CUT, Source, open_source
+from lmzoo.data.sources import BUILTINS, SAFE_CUT, Source, open_source
 from lmzoo.errors import ConfigError, DataError, quote, suggest
 from lmzoo.formats.atomic import atomic_write_text, fsync_dir
 from lmzoo.tokenizer import EOT, KINDS, Tokenizer, build_tokenizer, load_tokenizer, to_bytes
@@ -253,6 +254,34 @@ def _publish(tmp: Path, out: Path, meta: dict[str, Any]) -> None:
     atomic_write_text(out / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
+# built-in corpora read from a local copy (``input``) instead of being downloaded
+INPUT_SOURCES = ("shakespeare",)
+SMOKE_DOCUMENTS = 30  # LMZOO_SMOKE=1: a multi-document built-in corpus is cut to its first documents
+
+
+def resolve_source(source: str | os.PathLike | None, input: str | os.PathLike | None = None) -> str:
+    """The source to prepare: ``source``, or ``input`` alone (a file of one's own); ConfigError when neither is
+    named, or when ``input`` comes with a source that reads no local copy (it would be ignored)."""
+    if source is None:
+        if input is None:
+            raise ConfigError("name a corpus to prepare: stdlib, shakespeare, a file or folder, or owner/name")
+        return os.fspath(input)
+    name = os.fspath(source)
+    if input is not None and name not in INPUT_SOURCES and name != os.fspath(input):
+        raise ConfigError(
+            f"input is the local copy of a built-in corpus ({', '.join(INPUT_SOURCES)}); the source {name!r} "
+            f"would ignore it (to prepare {os.fspath(input)!r}, name it as the source)"
+        )
+    return name
+
+
+def source_name(source: str | os.PathLike) -> str:
+    """What ``meta.json`` records as the source asked for: an existing path made absolute, else the name."""
+    name = os.fspath(source)
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
 TEMP_PREFIX, LOCK_NAME = ".prepare-", ".prepare.lock"
 
 
@@ -277,7 +306,7 @@ def _claim(out: Path) -> int:
 
 
 def prepare(
-    source: str | os.PathLike,
+    source: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     tokenizer: str | os.PathLike | Tokenizer = "char",
     vocab_size: int | None = None,
@@ -292,7 +321,8 @@ def prepare(
     """Tokenize ``source`` into ``out_dir`` and return ``out_dir``.
 
     ``source``: any form :func:`lmzoo.data.sources.open_source` takes (file, folder, glob, JSONL,
-    Parquet, saved or hub data set, ``stdlib``, ``shakespeare``). ``tokenizer``: "byte" | "char" |
+    Parquet, saved or hub data set, ``stdlib``, ``shakespeare``); None with ``input``: that file.
+    ``tokenizer``: "byte" | "char" |
     "bpe" (built from this corpus; ``vocab_size`` for bpe), a saved tokenizer directory, or a
     Tokenizer. ``text_field``: the record field holding text. ``input``: local copy for
     ``shakespeare``. ``workers``: tokenizer processes (default: up to 8 for inputs over 4 MB, else
@@ -310,6 +340,11 @@ def prepare(
     if workers is not None and workers < 0:
         raise ConfigError(f"workers must be >= 0, got {workers}")
     check_parallelism("workers", workers)
+    source = resolve_source(source, input)
+    if input is not None and source == os.fspath(input):
+        input = None  # the file itself is the source
+    if limit is None and smoke_mode() and source in BUILTINS:
+        limit = SMOKE_DOCUMENTS
     resolved = _resolve_tokenizer(tokenizer)
     strict = resolved == "char" or getattr(resolved, "kind", None) == "char"
     src = open_source(
@@ -361,6 +396,7 @@ def prepare(
             "train_tokens": tokens[0],
             "val_tokens": tokens[1],
             "source": src.description,
+            "source_name": source_name(source),
             "source_sha256": sha.hexdigest(),
             "source_bytes": nbytes[0],
             "documents": 1 if src.single_text else docs[0] + docs[1],

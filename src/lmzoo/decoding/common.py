@@ -1,42 +1,53 @@
 """What the parallel decoders share: a cache that can roll back, and counting accepted tokens.
 
 Every decoder here guesses several tokens, runs the model over all of them in one forward pass
-(the cache grows by the whole guess), then keeps only a verified prefix. Rolling back is just
-setting ``cache.pos``: keys and values past it are masked out (``KVCache.mask`` uses ``pos``) and
+(the cache grows by the whole guess), then keeps only a verified prefix. Rolling back is
+``cache.rollback(pos)``: keys and values past it are masked out (``KVCache.mask`` uses ``pos``) and
 overwritten by the next forward. A ring buffer (``RollingKVCache``) cannot roll back, since writing
-the guess overwrote the oldest keys, so the decoders ask for a full-length cache.
+the guess overwrote the oldest keys, nor can a recurrent state: the decoders ask ``init_cache`` for
+one that can (``rollback=True``) and check its ``can_rollback``.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from lmzoo.cache import KVCache
+from lmzoo.cache import DecodingState
 from lmzoo.decoding.generate import left_pad
 from lmzoo.errors import ConfigError
 
 
-def rollback_cache(model, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
-    """A full-length :class:`KVCache` for ``model`` (never a ring buffer: it must roll back)."""
-    kw = {"rolling": False} if "rolling" in inspect.signature(model.init_cache).parameters else {}
-    cache = model.init_cache(batch, max_len, pad=pad, **kw)
-    if not isinstance(cache, KVCache):
-        raise ConfigError(f"{type(model).__name__} has no full KV cache to roll back (got {type(cache).__name__})")
+def rollback_cache(model, batch: int, max_len: int, pad: torch.Tensor | None = None) -> DecodingState:
+    """A decoding state for ``model`` that can roll back (a full-length KV cache, never a ring)."""
+    cache = model.init_cache(batch, max_len, pad=pad, rollback=True)
+    if not cache.can_rollback:
+        raise ConfigError(f"the {model.family} model's decoding state ({type(cache).__name__}) cannot roll back")
     return cache
 
 
 def check_length(model, needed: int) -> None:
     """Refuse a generation that would run past a learned position table (no sliding re-prefill here)."""
-    limit = model.max_positions() if hasattr(model, "max_positions") else None
+    limit = model.max_positions()
     if limit is not None and needed > limit:
         raise ConfigError(
             f"prompt + new tokens + guesses = {needed} positions exceed the model's {limit}; "
             "generate fewer tokens or use ordinary decoding (lmzoo.decoding.generate), which slides its context"
         )
+
+
+def prepare_decoding(prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, *models
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The prologue of every parallel decoder: left-padded (ids (B, P), pad (B,)) on the first model's
+    device, and the cache length ``P + max_new_tokens`` (guesses never run past the last new token),
+    checked against every model's position table."""
+    ids, pad = prepare_prompts(prompts, models[0].device)
+    max_len = ids.shape[1] + max_new_tokens
+    for model in models:
+        check_length(model, max_len)
+    return ids, pad, max_len
 
 
 def leading_true(ok: torch.Tensor) -> torch.Tensor:

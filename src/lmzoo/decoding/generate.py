@@ -181,15 +181,8 @@ def _new_cache(model, batch: int, max_len: int, pad: torch.Tensor):
 
 
 def stream(
-    model,
-    prompts: Sequence[Sequence[int]] | torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop_tokens: Sequence[int] = (),
-    seed: int | None = None,
+    model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (), seed: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """An iterator of the next token of every row, (B,) on the CPU, step by step.
 
@@ -207,7 +200,7 @@ def stream(
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     _check_prompts(prompts)
-    limit = model.max_positions() if hasattr(model, "max_positions") else None
+    limit = model.max_positions()
     longest = max(len(p) for p in prompts)
     cache_len = longest + max_new_tokens if limit is None else min(longest + max_new_tokens, limit)
     if max_new_tokens > 0:
@@ -237,9 +230,7 @@ def _decode(model, ctx: list[list[int]], max_new_tokens: int, cache_len: int, sl
         cache = _new_cache(model, B, cache_len, pad.to(device))
         return cache, model(ids.to(device), cache=cache, last_only=True).logits[:, -1]
 
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         cache, logits = prefill()
         stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -269,18 +260,14 @@ def _decode(model, ctx: list[list[int]], max_new_tokens: int, cache_len: int, sl
                     cache, logits = prefill()
                     continue
             logits = model(nxt[:, None], cache=cache).logits[:, -1]
-    finally:
-        model.train(was_training)
 
 
 def _slide_rows(model, cache, old: list[list[int]], new: list[list[int]]) -> bool:
     """Re-lay ``cache`` (holding every row of ``old`` but its newest token) for the rows of ``new``,
-    recomputing only the rows whose context changed; False when the cache is not a plain
-    :class:`~lmzoo.cache.KVCache` (the caller then re-prefills the whole batch)."""
-    from lmzoo.cache import KVCache
-
+    recomputing only the rows whose context changed; False when the cache cannot re-lay its rows
+    (``can_realign``: the caller then re-prefills the whole batch)."""
     redo = [b for b, (o, n) in enumerate(zip(old, new)) if n is not o and len(n) > 1]
-    if type(cache) is not KVCache or len({len(new[b]) for b in redo}) > 1:
+    if not cache.can_realign or len({len(new[b]) for b in redo}) > 1:
         return False
     cache.realign([len(row) - 1 for row in new])  # the others keep their keys, moved left
     if redo:  # the slid rows' new context (all the same length), but its newest token: the next step's input
@@ -291,15 +278,8 @@ def _slide_rows(model, cache, old: list[list[int]], new: list[list[int]]) -> boo
 
 
 def generate(
-    model,
-    prompts: Sequence[Sequence[int]] | torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop_tokens: Sequence[int] = (),
-    seed: int | None = None,
+    model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (), seed: int | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` for each prompt; returns the new tokens of each row.
 

@@ -35,7 +35,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lmzoo.decoding.common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
+from lmzoo.decoding.common import (
+    DecodeStats,
+    leading_true,
+    prepare_decoding,
+    rollback_cache,
+)
 from lmzoo.errors import ConfigError
 
 
@@ -81,15 +86,10 @@ def jacobi_generate(
         raise ConfigError(f"block must be >= 1 and max_new_tokens >= 0, got {block}, {max_new_tokens}")
     if init not in ("last", "pad"):
         raise ConfigError(f"init must be 'last' or 'pad', got {init!r}")
-    device = model.device
-    ids, pad = prepare_prompts(prompts, device)
+    ids, pad, max_len = prepare_decoding(prompts, max_new_tokens, model)
     B, P = ids.shape
-    max_len = P + max_new_tokens  # blocks never run past the last new token
-    check_length(model, max_len)
-    was_training = model.training
-    model.eval()
     stats = JacobiStats()
-    try:
+    with model.evaluating():
         cache = rollback_cache(model, B, max_len, pad)
         if P > 1:
             model(ids[:, :-1], cache=cache)  # every committed token but the last is cached
@@ -108,7 +108,7 @@ def jacobi_generate(
                 iters += 1
                 c = int(leading_true(guess == g).min())  # y_1..y_c were already fixed points
                 m = min(c + 1, r)  # ... and F_{c+1} saw a correct prefix: commit m tokens
-                cache.pos = start + m  # keep [last committed, y_1..y_{m-1}]
+                cache.rollback(start + m)  # keep [last committed, y_1..y_{m-1}]
                 seq = torch.cat([seq, g[:, :m]], 1)
                 done = torch.cat([done, g[:, :m]], 1)
                 guess = g[:, m:]  # the Jacobi update of the positions still open
@@ -119,8 +119,6 @@ def jacobi_generate(
             if trajectories is not None:
                 trajectories.append(Trajectory(prefix.clone(), states[:-1], done.clone()))
         stats.tokens = seq.shape[1] - P
-    finally:
-        model.train(was_training)
     return seq[:, P:].tolist(), stats
 
 

@@ -32,7 +32,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lmzoo.decoding.common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
+from lmzoo.decoding.common import (
+    DecodeStats,
+    leading_true,
+    prepare_decoding,
+    rollback_cache,
+)
 from lmzoo.decoding.generate import check_sampling, warp_logits
 from lmzoo.errors import ConfigError
 
@@ -112,11 +117,8 @@ def speculative_generate(
     if k < 1:
         raise ConfigError(f"k (draft tokens per step) must be >= 1, got {k}")
     device = target.device
-    ids, pad = prepare_prompts(prompts, device)
+    ids, pad, max_len = prepare_decoding(prompts, max_new_tokens, target, draft)
     B, P = ids.shape
-    max_len = P + max_new_tokens  # guesses never run past the last new token
-    check_length(target, max_len)
-    check_length(draft, max_len)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device)
@@ -165,8 +167,8 @@ def speculative_generate(
             else:  # rows that accepted more keep their (accepted) draft at position a
                 last = torch.where(n > a, drafts[:, min(a, kk - 1)], nxt) if kk else nxt
             seq = torch.cat([seq, drafts[:, :a], last[:, None]], 1)
-            tc.pos = L + a  # roll back: keep [.., last committed, d_1..d_a]
-            dc.pos = min(dc.pos, L + a)
+            tc.rollback(L + a)  # keep [.., last committed, d_1..d_a]
+            dc.rollback(min(dc.pos, L + a))
             stats.steps += 1
             stats.accepted.append(a)
         stats.tokens = min(seq.shape[1] - P, max_new_tokens)

@@ -26,18 +26,18 @@ from collections.abc import Sequence
 
 import torch
 
-from lmzoo.cache import KVCache, StaticKVCache
+from lmzoo.cache import StaticKVCache
 from lmzoo.decoding.generate import check_sampling, left_pad, nan_error, nan_guard, sample_next
 from lmzoo.errors import ConfigError
 
 
 def static_cache(model, batch: int, max_len: int, dtype=None, device=None, pad=None) -> StaticKVCache | None:
-    """A :class:`StaticKVCache` for ``model``, or None when its decoding state is not a plain KV cache
-    (sliding windows, recurrent state, ALiBi's length-dependent biases)."""
-    if getattr(model, "alibi", None) is not None:
+    """A :class:`StaticKVCache` for ``model``, or None when its decoding state has no static twin
+    (sliding windows, recurrent state) or the model cannot decode from one (``static_decoding``:
+    ALiBi's length-dependent biases)."""
+    if not model.static_decoding:
         return None
-    cache = model.init_cache(batch, max_len, dtype=dtype, device=device, pad=pad)
-    return StaticKVCache(cache) if type(cache) is KVCache else None
+    return model.init_cache(batch, max_len, dtype=dtype, device=device, pad=pad).static()
 
 
 # One static cache per model, reused (reset) by the next call with the same shapes: its buffers keep
@@ -77,15 +77,8 @@ def compiled_step(mode: str | None = "reduce-overhead", backend: str = "inductor
 
 @torch.no_grad()  # not inference_mode: the cache's tensors are reused by later calls and CUDA graphs
 def generate_static(
-    model,
-    prompts: Sequence[Sequence[int]] | torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop_tokens: Sequence[int] = (),
-    seed: int | None = None,
+    model, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+    top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (), seed: int | None = None,
     compile: bool | None = None,
     step_fn=None,
 ) -> list[list[int]]:
@@ -103,7 +96,7 @@ def generate_static(
     B, T = ids.shape
     if max_new_tokens == 0:
         return [[] for _ in range(B)]
-    limit = model.max_positions() if hasattr(model, "max_positions") else None
+    limit = model.max_positions()
     if limit is not None and T + max_new_tokens > limit:
         raise ConfigError(
             f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceed the model's {limit} positions; "
@@ -119,9 +112,7 @@ def generate_static(
     if seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         logits = model(ids.to(device), cache=cache, last_only=True).logits[:, -1].float()  # batched prefill
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
@@ -140,8 +131,6 @@ def generate_static(
                 if mark_step is not None and step_fn is not _decode_step:
                     mark_step()  # a new replay: the previous step's outputs may be overwritten
                 logits = step_fn(model, nxt[:, None], cache).clone()
-    finally:
-        model.train(was_training)
     rows = out.tolist()  # the one host synchronization
     if nan_seen.any():
         raise nan_error()

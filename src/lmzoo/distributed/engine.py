@@ -143,11 +143,11 @@ def _tied_names(model: nn.Module) -> set[str]:
 
 def _ungroup_qkv_rows(model: nn.Module, full: dict[str, torch.Tensor], tp: int) -> None:
     """Undo apply_tp's grouping of qkv rows by rank, in place in ``full`` (the model's own order again)."""
-    for i, block in enumerate(model.blocks):
-        attn = block.attn  # after apply_tp it counts this rank's heads: n_head / tp
+    for i, block in model.blocks.indexed():
+        attn = block.mixer  # after apply_tp it counts this rank's heads: n_head / tp
         back = qkv_rank_order(attn.head_dim, attn.n_head * tp, attn.n_kv_head * tp, tp).argsort()
         for kind in ("weight", "bias"):
-            key = f"blocks.{i}.attn.qkv.{kind}"
+            key = f"blocks.{i}.mixer.qkv.{kind}"
             if key in full:
                 full[key] = full[key][back].contiguous()
 

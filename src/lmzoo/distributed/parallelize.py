@@ -1,9 +1,10 @@
 """Apply data / fully-sharded / tensor parallelism to a single-device model, from outside it.
 
-A model file knows nothing of this module (torchtitan's "parallelize" step): we only rely on the
-names every transformer family here shares, ``model.blocks`` (the residual blocks), and inside a
-block ``attn.qkv`` / ``attn.proj`` (:class:`lmzoo.layers.attention.CausalSelfAttention`) and the
-MLP's ``fc`` / ``proj`` (GELU) or ``gate`` / ``up`` / ``down`` (SwiGLU). docs/distributed.md.
+A model file knows nothing of this module (torchtitan's "parallelize" step): it relies on the parts
+every family names the same way (:mod:`lmzoo.models.base`): ``model.blocks``, and inside a block the
+``mixer`` (for tensor parallel, an attention with ``qkv`` / ``proj``:
+:class:`lmzoo.layers.attention.CausalSelfAttention`) and the ``ffn`` (``fc`` / ``proj`` of an MLP, or
+``gate`` / ``up`` / ``down`` of SwiGLU). docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch import nn
 from lmzoo.common import DTYPES
 from lmzoo.distributed.runtime import DistContext
 from lmzoo.errors import ConfigError
+from lmzoo.layers.attention import CausalSelfAttention
+from lmzoo.layers.mlp import MLP, SwiGLU
 
 
 def parallelize(model: nn.Module, ctx: DistContext) -> nn.Module:
@@ -59,8 +62,7 @@ def apply_fsdp(model: nn.Module, ctx: DistContext) -> nn.Module:
         param_dtype=DTYPES[pc.mp_param_dtype] if pc.mp_param_dtype else None,
         reduce_dtype=DTYPES[pc.mp_reduce_dtype] if pc.mp_reduce_dtype else None,
     )
-    blocks = _blocks(model)
-    for block in blocks:
+    for block in model.blocks:
         fully_shard(block, mesh=ctx.mesh, mp_policy=mp, reshard_after_forward=pc.reshard_after_forward)
     # the root group holds embeddings, head and final norm (tied wte/lm_head stay one parameter);
     # it is needed right after backward anyway, so keeping it gathered saves one all-gather
@@ -85,11 +87,12 @@ def apply_tp(model: nn.Module, ctx: DistContext) -> nn.Module:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tp = ctx.world_size
-    for block in _blocks(model):
+    for block in model.blocks:
         plan: dict[str, object] = {}
-        attn = getattr(block, "attn", None)
-        if attn is None or not hasattr(attn, "qkv") or not hasattr(attn, "n_kv_head"):
-            raise ConfigError(f"tensor parallel needs CausalSelfAttention blocks; got {type(attn).__name__}")
+        attn = block.mixer
+        if type(attn) is not CausalSelfAttention:
+            raise ConfigError(f"tensor parallel splits softmax attention by heads; the {model.family} model's "
+                              f"mixer is a {type(attn).__name__}")
         if attn.n_head % tp or attn.n_kv_head % tp:
             raise ConfigError(
                 f"tensor parallel degree {tp} must divide n_head {attn.n_head} and n_kv_head {attn.n_kv_head}"
@@ -97,15 +100,15 @@ def apply_tp(model: nn.Module, ctx: DistContext) -> nn.Module:
         _group_qkv_rows_by_rank(attn, tp)
         attn.n_head //= tp
         attn.n_kv_head //= tp
-        plan["attn.qkv"] = ColwiseParallel()
-        plan["attn.proj"] = RowwiseParallel()
-        mlp = getattr(block, "mlp", None)
-        if hasattr(mlp, "fc"):
-            plan["mlp.fc"], plan["mlp.proj"] = ColwiseParallel(), RowwiseParallel()
-        elif hasattr(mlp, "gate"):
-            plan["mlp.gate"], plan["mlp.up"], plan["mlp.down"] = ColwiseParallel(), ColwiseParallel(), RowwiseParallel()
+        plan["mixer.qkv"] = ColwiseParallel()
+        plan["mixer.proj"] = RowwiseParallel()
+        ffn = block.ffn
+        if type(ffn) is MLP:
+            plan["ffn.fc"], plan["ffn.proj"] = ColwiseParallel(), RowwiseParallel()
+        elif type(ffn) is SwiGLU:
+            plan["ffn.gate"], plan["ffn.up"], plan["ffn.down"] = ColwiseParallel(), ColwiseParallel(), RowwiseParallel()
         else:
-            raise ConfigError(f"tensor parallel has no plan for the MLP {type(mlp).__name__} (mixture of experts?)")
+            raise ConfigError(f"tensor parallel has no plan for the {model.family} model's ffn, a {type(ffn).__name__}")
         parallelize_module(block, ctx.mesh, plan)
     return model
 
@@ -128,13 +131,6 @@ def _group_qkv_rows_by_rank(attn: nn.Module, tp: int) -> None:
     attn.qkv.weight.copy_(attn.qkv.weight[order])
     if attn.qkv.bias is not None:
         attn.qkv.bias.copy_(attn.qkv.bias[order])
-
-
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ConfigError(f"{type(model).__name__} has no `blocks` ModuleList to parallelize")
-    return blocks
 
 
 @contextlib.contextmanager

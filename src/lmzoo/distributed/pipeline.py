@@ -3,8 +3,8 @@ Narayanan et al. 2019): rank r holds a contiguous run of blocks and passes activ
 
 ::
 
-    rank 0: wte (+ wpe) -> blocks[0:k]     --x-->   rank 1: blocks[k:L] -> ln_f -> lm_head -> loss
-                            <--dL/dx--
+    rank 0: embed (+ pos_embed) -> blocks[0:k]   --x-->   rank 1: blocks[k:L] -> norm -> head -> loss
+                                  <--dL/dx--
 
 Each batch is cut into ``microbatches`` so the stages work on different micro-batches at once
 (the "bubble" idle fraction is (stages - 1) / (microbatches + stages - 1)). GPipe runs all
@@ -12,13 +12,27 @@ forwards then all backwards; 1F1B alternates, so at most ``stages`` micro-batche
 are alive. The schedule sums the micro-batch gradients and divides by their number: the same
 gradient as the whole batch at once.
 
-A stage wraps the GPT (or Llama) family's own modules (embedding, position table or RoPE, blocks, final
-norm, head) without changing the model file. With tied embeddings (GPT-2) the first and last
-stages each hold the shared matrix, and their gradients are summed between them after backward
-(Megatron-LM's "embedding all-reduce") so both copies take the same step.
+A stage is the model itself with the parts it does not hold set to ``None`` (torchtitan's way;
+:func:`stage_of`): the first stage keeps the input parts (embedding, a position table), the last
+the final norm and head, each its own blocks, keyed by their layer index so that a stage's
+state-dict names are the model's. The model's own forward serves every stage: a later stage's
+``begin`` takes the previous stage's hidden states in place of token ids, and a stage without a
+head returns hidden states (:mod:`lmzoo.models.base`). So every family pipelines, except where a
+block reads another layer's state (cross-layer KV sharing).
+
+Mixture of experts: each stage adds its layers' router losses (sums over its MoE layers) to two
+running totals it passes on with the hidden states; the last stage divides by the model's number
+of MoE layers and adds them to the loss, as the whole model's forward does. The gradient of those
+totals flows back through the pipeline like the activations'.
+
+With tied embeddings (GPT-2) the first and last stages each hold the shared matrix, and their
+gradients are summed between them after backward (Megatron-LM's "embedding all-reduce") so both
+copies take the same step.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.distributed as dist
@@ -26,91 +40,58 @@ from torch import nn
 
 from lmzoo.distributed.runtime import DistContext
 from lmzoo.errors import ConfigError
-from lmzoo.layers.attention import window_mask
-from lmzoo.models.base import lm_loss
-
-
-class GPTStage(nn.Module):
-    """Blocks ``[start, end)`` of a :class:`lmzoo.models.gpt2.GPT`, plus its input or output end."""
-
-    norm = "ln_f"  # the model's final norm (its name kept: the stage's state-dict names are the model's)
-
-    def __init__(self, model: nn.Module, start: int, end: int, first: bool, last: bool) -> None:
-        super().__init__()
-        cfg = model.config
-        if getattr(cfg, "pos_emb", "learned") not in ("learned", "rope") or getattr(cfg, "kv_share_every", 1) > 1:
-            raise ConfigError("pipeline parallel supports GPT models with learned or RoPE positions, no KV sharing")
-        if getattr(cfg, "n_experts", 0):
-            raise ConfigError("pipeline parallel does not carry mixture-of-experts router losses between stages")
-        self.first, self.last, self.start = first, last, start
-        # the last stage of a tied model keeps the embedding module too (its forward does not use it): the
-        # shared matrix is then "wte.weight" on both stages, and the optimizer treats it as an embedding on both
-        tied = last and getattr(cfg, "tie_embeddings", False)
-        self.wte = model.wte if first or tied else None
-        self.wpe = getattr(model, "wpe", None) if first else None
-        self.drop = model.drop if first else None
-        self.rope = model.rope  # a buffer table: every stage recomputes cos/sin for its blocks
-        # keyed by the model's own block numbers, so a stage's state-dict names are the model's
-        # ("blocks.3.attn.qkv.weight" on every layout): sharded checkpoints load across layouts
-        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(start, end)})
-        setattr(self, self.norm, getattr(model, self.norm) if last else None)
-        self.lm_head = model.lm_head if last else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """First stage: token ids (B, T); later stages: hidden states (B, T, C). Last returns logits."""
-        T = x.size(1)
-        pos = torch.arange(T, device=x.device)
-        if self.first:
-            x = self.wte(x)
-            if self.wpe is not None:
-                x = x + self.wpe(pos)
-            x = self.drop(x)
-        rope = self.rope(pos, T) if self.rope is not None else None
-        for i, block in self.blocks.items():
-            x, _, _ = block(x, rope, None, True, None, int(i), None)
-        if self.last:
-            x = self.lm_head(self.ln_f(x))
-        return x
-
-
-class LlamaStage(GPTStage):
-    """Blocks ``[start, end)`` of a :class:`lmzoo.models.llama.Llama` (Mistral too): RoPE, RMSNorm
-    ``norm_f``, a causal or sliding-window mask per layer."""
-
-    norm = "norm_f"
-
-    def __init__(self, model: nn.Module, start: int, end: int, first: bool, last: bool) -> None:
-        super().__init__(model, start, end, first, last)
-        self.windows = model.windows  # each layer's attention window (None: full causal)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.size(1)
-        pos = torch.arange(T, device=x.device)
-        if self.first:
-            x = self.drop(self.wte(x))
-        rope = self.rope(pos, T)
-        masks = {w: window_mask(T, w, x.device) for w in set(self.windows)}  # (mask, is_causal) per window
-        for i, block in self.blocks.items():
-            mask, is_causal = masks[self.windows[int(i)]]
-            x, _ = block(x, rope, mask, is_causal, None, int(i))
-        if self.last:
-            x = self.lm_head(self.norm_f(x))
-        return x
-
-
-STAGES = {"gpt2": GPTStage, "llama": LlamaStage}  # model family -> how to cut it
-FAMILIES = tuple(STAGES)
+from lmzoo.layers.moe import MoE
+from lmzoo.models.base import Blocks, LanguageModel, lm_loss
 
 
 def check_family(family: str, model_config=None) -> None:
-    """One-line error for a model without a stage split (before any process group when called early)."""
-    if getattr(model_config, "n_experts", 0):
-        raise ConfigError("pipeline parallel does not carry mixture-of-experts router losses between stages")
-    if family not in FAMILIES:
+    """One-line error for a model whose blocks read other layers' state (before any process group
+    when called early): a stage could not hand that state on."""
+    share = getattr(model_config, "kv_share_every", 1)
+    if share > 1:
         raise ConfigError(
-            f"pipeline parallel cuts {', '.join(FAMILIES)} models into stages; {family} has no stage split yet "
-            "(use parallel.mode=fsdp or tp)"
+            f"pipeline parallel cannot cut the {family} model: its layers share keys/values in runs of "
+            f"kv_share_every={share}, so a block reads another layer's state (use parallel.mode=fsdp or tp)"
         )
+
+
+def stage_of(model: LanguageModel, start: int, end: int, first: bool, last: bool, tied: bool) -> LanguageModel:
+    """The stage holding blocks ``[start, end)`` of ``model``: a second view of the same modules (no
+    weight is copied), with the parts the stage does not hold set to None. The last stage of a tied
+    model keeps the embedding too (its forward does not use it): the shared matrix is then
+    ``embed.weight`` on both stages, and the optimizer treats it as an embedding on both."""
+    stage = copy.copy(model)  # the same class, attributes and modules; its own tables of parts below
+    stage._modules, stage._parameters, stage._buffers = dict(model._modules), dict(model._parameters), dict(
+        model._buffers)
+    for name in model.input_parts:
+        if not (first or (last and tied and name == "embed")):
+            setattr(stage, name, None)
+    stage.blocks = Blocks()
+    for i in range(start, end):
+        stage.blocks[i] = model.blocks[i]
+    if not last:
+        stage.norm = stage.head = None
+    return stage
+
+
+class _StageForward(nn.Module):
+    """What the schedule runs on a rank: the stage's own forward; with mixture-of-experts layers, the
+    running sums of the router losses travel beside the hidden states (see the module docstring)."""
+
+    def __init__(self, stage: LanguageModel, carries_router: bool):
+        super().__init__()
+        self.stage, self.carries_router = stage, carries_router
+        self.n_moe = sum(isinstance(b.ffn, MoE) for b in stage.blocks)
+
+    def forward(self, x: torch.Tensor, *sums: torch.Tensor):
+        out = self.stage(x)
+        if not self.carries_router:
+            return out.logits
+        balance, z = sums if sums else (out.logits.new_zeros(1, dtype=torch.float32),) * 2
+        if out.aux is not None:  # this stage's MoE layers: their mean times their number
+            balance = balance + out.aux["moe_balance"].float() * self.n_moe
+            z = z + out.aux["moe_z"].float() * self.n_moe
+        return out.logits, balance, z
 
 
 def stage_bounds(n_layer: int, stages: int) -> list[tuple[int, int]]:
@@ -129,26 +110,39 @@ def stage_bounds(n_layer: int, stages: int) -> list[tuple[int, int]]:
 class Pipeline:
     """This rank's stage and the schedule that trains it: ``step(x, y) -> loss`` (on every rank)."""
 
-    def __init__(self, model: nn.Module, ctx: DistContext) -> None:
+    def __init__(self, model: LanguageModel, ctx: DistContext) -> None:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        check_family(getattr(model, "family", type(model).__name__))
+        check_family(model.family, model.config)
         self.ctx, n = ctx, ctx.world_size
         start, end = stage_bounds(model.config.n_layer, n)[ctx.rank]
         self.first, self.last = ctx.rank == 0, ctx.rank == n - 1
-        self.module = STAGES[model.family](model, start, end, self.first, self.last)
         self.tied = getattr(model.config, "tie_embeddings", False) and n > 1
         if self.tied and n > 2:
             raise ConfigError("tied embeddings (tie_embeddings=true) support at most 2 pipeline stages")
+        # router losses: the whole model's MoE layers and their weights (the last stage adds them)
+        self.n_moe = sum(isinstance(b.ffn, MoE) for b in model.blocks)
+        self.router_weights = (model.config.moe_aux_weight, model.config.moe_z_weight) if self.n_moe else None
+        self.module = stage_of(model, start, end, self.first, self.last, self.tied)
         device = next(model.parameters()).device
-        self.stage = PipelineStage(self.module, ctx.rank, n, device)
+        self.stage = PipelineStage(_StageForward(self.module, self.n_moe > 0), ctx.rank, n, device)
         schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[ctx.config.schedule]
         self.scale = 1.0  # 1 / (pipeline micro-batches x accumulation steps), set by step()
+        self.with_router = True  # training adds the router losses; evaluation reports the cross-entropy
         # scale_grads=False: the schedule would divide *all* of .grad, gradients accumulated from
         # earlier calls included; scaling each micro-batch's loss instead keeps accumulation exact
-        self.schedule = schedule(
-            self.stage, ctx.config.microbatches, loss_fn=lambda out, y: lm_loss(out, y) * self.scale, scale_grads=False
-        )
+        self.schedule = schedule(self.stage, ctx.config.microbatches, loss_fn=self._loss, scale_grads=False)
+
+    def _loss(self, out, y: torch.Tensor) -> torch.Tensor:
+        """The last stage's objective for one micro-batch: cross-entropy (+ the router losses)."""
+        if self.router_weights is None:
+            return lm_loss(out, y) * self.scale
+        logits, balance, z = out
+        loss = lm_loss(logits, y)
+        if self.with_router:
+            w_balance, w_z = self.router_weights
+            loss = loss + (w_balance * balance.sum() + w_z * z.sum()) / self.n_moe
+        return loss * self.scale
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters this rank updates (its stage's)."""
@@ -160,13 +154,13 @@ class Pipeline:
         Gradients accumulate in the stage's parameters: call it ``accum`` times per optimizer step,
         each gradient weighted 1 / accum like the trainer's ``loss / accum``.
         """
-        self.scale = 1.0 / (self.ctx.config.microbatches * accum)
+        self.scale, self.with_router = 1.0 / (self.ctx.config.microbatches * accum), True
         return self._run(self.schedule.step, x, y)
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward only (no backward) through every stage; the batch's mean loss on every rank."""
-        self.scale = 1.0 / self.ctx.config.microbatches
+        """Forward only (no backward) through every stage; the batch's mean cross-entropy on every rank."""
+        self.scale, self.with_router = 1.0 / self.ctx.config.microbatches, False
         return self._run(self.schedule.eval, x, y)
 
     def _run(self, run, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -190,7 +184,7 @@ class Pipeline:
         """Sum the tied embedding/head gradient of the first and last stage (both copies take one step)."""
         if not self.tied:
             return
-        w = self.module.wte.weight if self.first else self.module.lm_head.weight
+        w = self.module.embed.weight if self.first else self.module.head.weight
         g = torch.zeros_like(w) if w.grad is None else w.grad
         dist.all_reduce(g)
         w.grad = g
@@ -200,8 +194,8 @@ class Pipeline:
         """Global gradient norm over all stages (the tied matrix counted once), then clip."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         sq = sum((g.float().norm() ** 2 for g in grads), torch.zeros(()))
-        if self.tied and self.last and self.module.lm_head.weight.grad is not None:
-            sq = sq - self.module.lm_head.weight.grad.float().norm() ** 2  # the first stage counts it
+        if self.tied and self.last and self.module.head.weight.grad is not None:
+            sq = sq - self.module.head.weight.grad.float().norm() ** 2  # the first stage counts it
         dist.all_reduce(sq)
         total = float(sq.sqrt())
         coef = min(1.0, max_norm / (total + 1e-6))

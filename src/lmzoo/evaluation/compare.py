@@ -40,7 +40,7 @@ from typing import Any
 
 from lmzoo.common import optional_import, pyplot
 from lmzoo.config import read_json
-from lmzoo.errors import ConfigError, DataError, LmzooError
+from lmzoo.errors import ConfigError, DataError, Interrupted, LmzooError
 from lmzoo.formats.atomic import atomic_write_text
 
 BUDGETS = ("steps", "tokens", "flops", "time_s")
@@ -172,15 +172,15 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
 def _prepare_data(exp: dict[str, Any]) -> str:
     from lmzoo.data import prepare
     from lmzoo.train import TrainConfig
-    from lmzoo.train.runtime import default_data_dir
+    from lmzoo.train.runtime import data_plan
 
     common = {k: v for k, v in exp["common"].items() if k in ("source", "input", "tokenizer", "vocab_size",
                                                               "data_dir")}
     cfg = TrainConfig.from_dict(common)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
-    if not (data_dir / "meta.json").is_file():
-        print(f"compare: preparing {cfg.source!r} with the {cfg.tokenizer} tokenizer into {data_dir}", flush=True)
-        prepare(cfg.source, data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, input=cfg.input)
+    data_dir, source = data_plan(cfg)  # an unprepared data_dir needs a source to prepare
+    if source is not None:
+        print(f"compare: preparing {source!r} with the {cfg.tokenizer} tokenizer into {data_dir}", flush=True)
+        prepare(source, data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, input=cfg.input)
     return str(data_dir)
 
 
@@ -213,10 +213,11 @@ def _peak_memory(device) -> tuple[int, str]:
 def run_worker(cfg_file: str | Path) -> int:
     """Train one run from its TrainConfig JSON; on completion write ``result.json`` next to its metrics."""
     from lmzoo.train import TrainConfig, Trainer
+    from lmzoo.train.rundir import exit_code, holds_run
 
     settings = read_json(cfg_file)
     out = Path(settings["out_dir"])
-    settings["resume"] = (out / "LATEST").is_file()  # a killed compare continues where it stopped
+    settings["resume"] = holds_run(out)  # a killed compare continues where it stopped
     trainer = Trainer(TrainConfig.from_dict(settings))
     if trainer.device.type == "cuda":
         import torch
@@ -224,7 +225,7 @@ def run_worker(cfg_file: str | Path) -> int:
         torch.cuda.reset_peak_memory_stats(trainer.device)
     summary = trainer.train()
     if summary["interrupted"]:
-        return 130
+        return exit_code(trainer.stop_signal)  # 130 (SIGINT) or 143 (SIGTERM)
     peak, how = _peak_memory(trainer.device)
     result = {**summary, "peak_memory_bytes": peak, "peak_memory_kind": how, "params": trainer.model.num_params(),
               "flops_per_token": trainer.flops_per_token, "device": str(trainer.device),
@@ -407,8 +408,8 @@ def compare(exp: dict[str, Any], command: str | None = None, log=print, isolate:
                                          stderr=subprocess.STDOUT)
             else:
                 rc = run_worker(cfg_file)
-            if rc == 130:
-                raise LmzooError(f"compare interrupted during {label}; rerun the same command to resume")
+            if rc in (130, 143):  # the worker saved its run and stopped on a signal: stop too, with its code
+                raise Interrupted(f"compare interrupted during {label}; rerun the same command to resume", rc)
             if rc != 0 or not (run_dir / RESULT).is_file():
                 logfile = run_dir / "train.log"
                 tail = logfile.read_text(errors="replace").strip().splitlines()[-1:] if logfile.is_file() else []

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from lmzoo.config import loads_json
 from lmzoo.errors import ConfigError, DataError, quote
 
+LONG_INPUT_STEPS = 4  # model calls beyond which `lmzoo eval` shows a progress bar (stderr)
+
 
 @dataclass
 class TextEval:
@@ -79,7 +81,7 @@ def check_eval_settings(batch_size: int = 8, block_size: int | None = None, max_
 
 
 def _context_length(model, block_size: int | None) -> int:
-    limit = model.max_positions() if hasattr(model, "max_positions") else None
+    limit = model.max_positions()
     T = block_size or getattr(model.config, "block_size", None) or limit or 1024
     if limit is not None and T > limit:
         raise ConfigError(f"block_size {T} exceeds the model's {limit} positions")
@@ -89,10 +91,21 @@ def _context_length(model, block_size: int | None) -> int:
 
 
 @torch.inference_mode()
+def _bar(total: int, unit: str, progress: bool):
+    """A tqdm bar on stderr for an input of ``total`` units when ``progress`` and the input is long (more
+    than LONG_INPUT_STEPS model calls); a disabled one otherwise (short inputs finish at once)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=True, desc="eval", dynamic_ncols=True, mininterval=0.5,
+                disable=not progress or total <= LONG_INPUT_STEPS)
+
+
 def sequence_nll(
-    model, ids: Sequence[int] | np.ndarray | torch.Tensor, block_size: int | None = None, batch_size: int = 8
+    model, ids: Sequence[int] | np.ndarray | torch.Tensor, block_size: int | None = None, batch_size: int = 8,
+    progress: bool = False,
 ) -> tuple[float, int]:
-    """(total NLL in nats, tokens predicted) of ``ids`` in non-overlapping windows of ``block_size``."""
+    """(total NLL in nats, tokens predicted) of ``ids`` in non-overlapping windows of ``block_size``;
+    ``progress``: a bar on stderr when that takes more than a few batches."""
     check_eval_settings(batch_size, block_size)
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     if ids.numel() < 2:
@@ -103,6 +116,7 @@ def sequence_nll(
     device = model.device
     n_full = (ids.numel() - 1) // T
     total, count = 0.0, 0
+    bar = _bar(-(-n_full // batch_size) + 1, "batch", progress)
     try:
         # full windows in batches: x = ids[i*T : (i+1)*T], y shifted by one
         for start in range(0, n_full, batch_size):
@@ -112,6 +126,7 @@ def sequence_nll(
             logits = model(x).logits.float()
             total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()
+            bar.update(1)
         rest = ids.numel() - 1 - n_full * T  # the tail shorter than a window
         if rest > 0:
             x = ids[n_full * T : n_full * T + rest][None].to(device)
@@ -119,16 +134,19 @@ def sequence_nll(
             logits = model(x).logits.float()
             total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()
+        bar.update(1)
     finally:
+        bar.close()
         model.train(was_training)
     return total, count
 
 
 def evaluate_ids(
-    model, ids: Sequence[int] | np.ndarray, tokenizer, block_size: int | None = None, batch_size: int = 8
+    model, ids: Sequence[int] | np.ndarray, tokenizer, block_size: int | None = None, batch_size: int = 8,
+    progress: bool = False,
 ) -> TextEval:
     """Loss, perplexity and bits per byte of a token sequence (bytes counted by ``tokenizer``)."""
-    nll, n = sequence_nll(model, ids, block_size, batch_size)
+    nll, n = sequence_nll(model, ids, block_size, batch_size, progress)
     n_bytes = _token_bytes(tokenizer, np.asarray(ids[1:]).tolist())  # the predicted tokens' bytes
     if n_bytes == 0:
         raise DataError("the evaluated tokens decode to no bytes; bits per byte is undefined")
@@ -139,16 +157,18 @@ def evaluate_ids(
     )
 
 
-def evaluate_text(model, tokenizer, text: str, block_size: int | None = None, batch_size: int = 8) -> TextEval:
+def evaluate_text(
+    model, tokenizer, text: str, block_size: int | None = None, batch_size: int = 8, progress: bool = False
+) -> TextEval:
     """Loss, perplexity and bits per byte of ``text`` under ``model``."""
     if tokenizer is None:
         raise ConfigError("evaluating a text needs the checkpoint's tokenizer, and none was saved with it")
-    return evaluate_ids(model, tokenizer.encode(text), tokenizer, block_size, batch_size)
+    return evaluate_ids(model, tokenizer.encode(text), tokenizer, block_size, batch_size, progress)
 
 
 def evaluate_split(
     model, data_dir: str | Path, split: str = "val", block_size: int | None = None, batch_size: int = 8,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, progress: bool = False,
 ) -> TextEval:
     """Loss, perplexity and bits per byte on a prepared split (``lmzoo prepare``), optionally its first
     ``max_tokens`` tokens. Bytes are counted with the data set's own tokenizer."""
@@ -167,7 +187,7 @@ def evaluate_split(
     if vocab is not None and meta["vocab_size"] > vocab:
         raise ConfigError(f"{data_dir} has vocabulary {meta['vocab_size']}, the model only {vocab}")
     tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
-    return evaluate_ids(model, np.asarray(ids, dtype=np.int64), tokenizer, block_size, batch_size)
+    return evaluate_ids(model, np.asarray(ids, dtype=np.int64), tokenizer, block_size, batch_size, progress)
 
 
 # -- multiple choice ----------------------------------------------------------------------------
@@ -271,7 +291,8 @@ def score_endings(model, tokenizer, context: str, endings: Sequence[str], block_
 
 
 def evaluate_choices(
-    model, tokenizer, path: str | Path, limit: int | None = None, block_size: int | None = None
+    model, tokenizer, path: str | Path, limit: int | None = None, block_size: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of a multiple-choice JSONL task: ``acc`` (summed log-likelihood) and ``acc_norm``
     (log-likelihood per byte of the ending)."""
@@ -281,6 +302,7 @@ def evaluate_choices(
     examples = read_choices(path)[:limit]
     right = right_norm = 0
     predictions = []
+    bar = _bar(len(examples), "example", progress)
     for ex in examples:
         s = score_endings(model, tokenizer, ex.context, ex.endings, block_size)
         norm = [v / max(1, len(e.encode("utf-8"))) for v, e in zip(s, ex.endings)]
@@ -288,6 +310,8 @@ def evaluate_choices(
         right += pick == ex.label
         right_norm += pick_norm == ex.label
         predictions.append({"label": ex.label, "pred": pick, "pred_norm": pick_norm, "scores": s})
+        bar.update(1)
+    bar.close()
     n = len(examples)
     return {"task": str(path), "examples": n, "acc": right / n, "acc_norm": right_norm / n,
             "predictions": predictions}

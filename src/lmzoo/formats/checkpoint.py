@@ -182,6 +182,8 @@ def load_weights(model: LanguageModel, file: str | Path, strict: bool = True) ->
         raise corrupt_error(file)
     expected = model.state_dict()
     tied = set(expected) - set(model_state(model))
+    # names an older lmzoo wrote (the parts before their shared names) read as today's
+    state = {k if k in expected else model.upgrade_name(k): v for k, v in state.items()}
     for k, v in state.items():
         if k not in expected:
             raise CheckpointError(f"{file}: unexpected tensor {k!r} (not in the {model.family} model)")
@@ -195,13 +197,31 @@ def load_weights(model: LanguageModel, file: str | Path, strict: bool = True) ->
     model.load_state_dict(state, strict=False)
 
 
+def upgrade_settings(model: LanguageModel, settings: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``lmzoo`` settings with the module names and patterns older versions recorded
+    (quantized layers, NF4 layers, LoRA targets) as today's model names them."""
+    out = dict(settings)
+    for key in ("quantization", "nf4", "lora"):
+        spec = out.get(key)
+        if not isinstance(spec, dict):
+            continue  # malformed: the spec's own check names it
+        spec = dict(spec)
+        for field in ("modules", "merged"):
+            if isinstance(spec.get(field), list):
+                spec[field] = [model.upgrade_name(n) if isinstance(n, str) else n for n in spec[field]]
+        if isinstance(spec.get("target"), str):
+            spec["target"] = model.upgrade_name(spec["target"])
+        out[key] = spec
+    return out
+
+
 def apply_settings(model: LanguageModel, raw: dict[str, Any], where: str | Path) -> LanguageModel:
     """A freshly built model rebuilt as a checkpoint's ``lmzoo`` settings record (before its weights
     load), in the order they were applied: the extra multi-token heads around it, the quantized
     layers (BitNet), QLoRA's NF4 layers, then the LoRA wrappers (``raw``: its config).
 
     The settings come from a file: a malformed one is a one-line CheckpointError naming the key."""
-    settings = raw.get("lmzoo") or {}  # what lmzoo.save recorded beyond the family's config
+    settings = upgrade_settings(model, raw.get("lmzoo") or {})  # what lmzoo.save recorded beyond the config
     mtp = settings.get("multi_token")
     if mtp:  # the extra prediction heads around the model
         n = mtp.get("n_future") if isinstance(mtp, dict) else None

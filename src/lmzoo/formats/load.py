@@ -14,7 +14,7 @@ import weakref
 from pathlib import Path
 
 from lmzoo.config import JSON_MAX_BYTES, read_bounded
-from lmzoo.errors import CheckpointError, LmzooError
+from lmzoo.errors import CheckpointError, ConfigError, LmzooError
 from lmzoo.tokenizer import Tokenizer
 
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the tokenizer it was loaded with
@@ -53,9 +53,12 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def load_any(source: str | os.PathLike, device: str = "cpu", dtype=None):
+def load_any(source: str | os.PathLike, device: str = "cpu", dtype=None, quantize: str | None = None):
     """``(model, tokenizer or None)`` from an lmzoo checkpoint/run directory, a Hugging Face directory, a
-    GGUF file or a registered model name."""
+    GGUF file or a registered model name. ``quantize="int8"``: int8 weight-only linears and head, for
+    decoding on a CPU with fewer bytes per token (:mod:`lmzoo.quant.int8`)."""
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize={quantize!r}: expected int8 (or none)")
     from lmzoo.formats import checkpoint as ckpt
     from lmzoo.formats import registry
 
@@ -64,7 +67,7 @@ def load_any(source: str | os.PathLike, device: str = "cpu", dtype=None):
         from lmzoo.formats.gguf import load_gguf
 
         model, tok = load_gguf(p, device=device, dtype=dtype)
-        return _remember(model, tok, p)
+        return _remember(model, tok, p, quantize)
     cfg_file = p / "config.json"
     # (read within the size bound: the file may be anyone's, e.g. a 3 GB one)
     if cfg_file.is_file() and b'"family"' not in read_bounded(cfg_file, JSON_MAX_BYTES, CheckpointError):
@@ -78,11 +81,15 @@ def load_any(source: str | os.PathLike, device: str = "cpu", dtype=None):
             tok = None
     else:
         model, tok = ckpt.load(p, device=device, dtype=dtype), ckpt.load_tokenizer_of(p)
-    return _remember(model, tok, p)
+    return _remember(model, tok, p, quantize)
 
 
-def _remember(model, tok, where: Path):
+def _remember(model, tok, where: Path, quantize: str | None = None):
     check_vocabulary(model, tok, where)
+    if quantize == "int8":
+        from lmzoo.quant.int8 import quantize_model
+
+        quantize_model(model)
     if tok is not None:
         _TOKENIZERS[model] = tok
     return model, tok

@@ -54,6 +54,11 @@ def _package_file(dist: str, file: str) -> Path | None:
     return path if path.is_file() else None
 
 
+# what a Hugging Face model directory needs (config, weights, tokenizer, chat template): a repository may
+# also hold ONNX, GGUF or PyTorch-pickle copies of the same weights, which are not fetched
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+
+
 def _hub(repo: str, file: str | None) -> Path:
     try:
         import huggingface_hub
@@ -61,7 +66,7 @@ def _hub(repo: str, file: str | None) -> Path:
         raise CheckpointError("huggingface_hub is not installed") from None
     try:
         if file is None:
-            return Path(huggingface_hub.snapshot_download(repo))
+            return Path(huggingface_hub.snapshot_download(repo, allow_patterns=HUB_FILES))
         return Path(huggingface_hub.hf_hub_download(repo, file))
     except Exception as e:  # offline, unknown repository, gated model: the hub's own reason, on one line
         msg = " ".join(str(e).split())[:200]

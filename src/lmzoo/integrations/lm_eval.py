@@ -2,8 +2,8 @@
 
     import lm_eval
     from lmzoo.integrations.lm_eval import LmzooLM
-    lm_eval.simple_evaluate(model=LmzooLM("runs/default"), tasks=["hellaswag"])
-    # or, after importing this module: lm_eval --model lmzoo --model_args checkpoint=runs/default ...
+    lm_eval.simple_evaluate(model=LmzooLM("runs/latest"), tasks=["hellaswag"])
+    # or, after importing this module: lm_eval --model lmzoo --model_args checkpoint=runs/latest ...
 
 The harness asks three things of a model, all answered with lmzoo's own pieces:
 
@@ -49,7 +49,7 @@ class LmzooLM(LM):
         if tokenizer is None:
             raise ConfigError("the lm-eval adapter needs the checkpoint's tokenizer")
         self.model, self.tokenizer = model.eval(), tokenizer
-        limit = model.max_positions() if hasattr(model, "max_positions") else None
+        limit = model.max_positions()
         self.max_length = int(max_length or getattr(model.config, "block_size", None) or limit or 1024)
         self.eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
 

@@ -73,55 +73,53 @@ def attend(q, k, v, mask=None, is_causal=False, dropout_p=0.0, backend="sdpa") -
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **gqa)
 
 
-class CausalSelfAttention(nn.Module):
-    """Fused QKV projection -> (RoPE) -> attention over [cache; new] keys -> output projection.
+class FusedQKV(nn.Module):
+    """The parameter layout of every attention here: one fused ``qkv`` projection and the output
+    ``proj``, so the kinds (softmax, Infini, linear, cross-layer) are interchangeable in a block and
+    a pretrained attention's weights carry over to another kind.
 
     ``qkv`` packs the query heads, then the key heads, then the value heads along the output
-    dimension: ``n_head * hd + 2 * n_kv_head * hd`` rows.
+    dimension: ``n_head * hd + 2 * n_kv_head * hd`` rows (queries only with ``kv=False``).
     """
 
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        n_kv_head: int,
-        bias: bool = True,
-        dropout: float = 0.0,
-        backend: str = "sdpa",
-        head_dim: int | None = None,
-    ):
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, bias: bool = True, dropout: float = 0.0,
+                 backend: str = "sdpa", head_dim: int | None = None, kv: bool = True):
         super().__init__()
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = head_dim or n_embd // n_head
-        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.qkv = nn.Linear(n_embd, (n_head + (2 * n_kv_head if kv else 0)) * self.head_dim, bias=bias)
         self.proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.backend = backend
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
-        is_causal: bool = True,
-        cache=None,
-        layer: int = 0,
-    ) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q (B, nh, T, hd), k and v (B, nkv, T, hd)."""
         B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        return (q.view(B, T, nh, hd).transpose(1, 2), k.view(B, T, nkv, hd).transpose(1, 2),
+                v.view(B, T, nkv, hd).transpose(1, 2))
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs (B, nh, T, hd) -> the output projection (B, T, C)."""
+        B, _, T, _ = y.shape
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
+
+
+class CausalSelfAttention(FusedQKV):
+    """Fused QKV projection -> (RoPE) -> attention over [cache; new] keys -> output projection."""
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None, is_causal: bool = True, cache=None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C): the T tokens after the cache's (or the first T)."""
+        q, k, v = self.split_heads(x)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): everything seen so far
         dropout_p = self.dropout if self.training else 0.0
-        y = attend(q, k, v, mask, is_causal, dropout_p, self.backend)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, nh * hd)
-        return self.resid_dropout(self.proj(y))
+        return self.merge_heads(attend(q, k, v, mask, is_causal, dropout_p, self.backend))
 
 
 # --- Sliding-window attention (Longformer, Beltagy et al. 2020; Mistral 7B, Jiang et al. 2023) -----

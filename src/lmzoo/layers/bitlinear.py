@@ -20,6 +20,15 @@ Inference never needs the latent weight: :class:`PackedBitLinear` stores the cod
 integer-valued activations and weights the float32 matmul is exact (every partial sum is an
 integer below 2^24 while ``in_features * 128 < 2^24``), so the packed and unpacked layers give
 bit-identical outputs in inference.
+
+Cached decoding and the full forward agree only up to the quantizer's steps. The two paths compute a
+layer's input up to float32 rounding (attention sums in another order), and ``round`` is a step
+function: an activation whose unrounded code ``h * 127 / gamma_x`` lies within that rounding of a .5
+tie can round up in one path and down in the other. Such a flip changes the layer's output by
+``s_w * gamma_x / 127`` per flipped code, and every later layer sees the change, so logits can differ by
+far more than float32 noise on the inputs where a tie occurs. No ordering of the arithmetic removes
+ties; a float64 model gives the two paths the same codes (tests/test_bitnet.py checks both: the first
+layer whose codes differ differs only at ties, by one step; float64 agrees to 1e-12).
 """
 
 from __future__ import annotations

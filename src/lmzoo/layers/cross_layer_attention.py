@@ -15,9 +15,8 @@ block from its inputs.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from lmzoo.layers.attention import attend, repeat_kv
+from lmzoo.layers.attention import FusedQKV, attend, repeat_kv
 from lmzoo.layers.rope import apply_rope
 
 
@@ -26,7 +25,7 @@ def kv_groups(n_layer: int, share_every: int) -> int:
     return -(-n_layer // share_every)
 
 
-class CrossLayerAttention(nn.Module):
+class CrossLayerAttention(FusedQKV):
     """Causal self-attention that either makes its group's keys/values or reuses them.
 
     ``makes_kv=True``: the parameter layout of :class:`~lmzoo.layers.attention.CausalSelfAttention`
@@ -34,47 +33,21 @@ class CrossLayerAttention(nn.Module):
     ``share_every`` maps a layer index to its cache entry, ``layer // share_every``.
     """
 
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        n_kv_head: int,
-        makes_kv: bool,
-        share_every: int,
-        bias: bool = True,
-        dropout: float = 0.0,
-        backend: str = "sdpa",
-        head_dim: int | None = None,
-    ):
-        super().__init__()
-        self.n_head, self.n_kv_head = n_head, n_kv_head
-        self.head_dim = head_dim or n_embd // n_head
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, makes_kv: bool, share_every: int, bias: bool = True,
+                 dropout: float = 0.0, backend: str = "sdpa", head_dim: int | None = None):
+        super().__init__(n_embd, n_head, n_kv_head, bias, dropout, backend, head_dim, kv=makes_kv)
         self.makes_kv, self.share_every = makes_kv, share_every
-        n_out = n_head + (2 * n_kv_head if makes_kv else 0)
-        self.qkv = nn.Linear(n_embd, n_out * self.head_dim, bias=bias)
-        self.proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
-        self.dropout = dropout
-        self.resid_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.backend = backend
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
-        is_causal: bool = True,
-        cache=None,
-        layer: int = 0,
-        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None, is_causal: bool = True, cache=None, layer: int = 0,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x (B, T, C) -> (B, T, C) and the group's (k, v), each (B, n_kv_head, S, hd) with S the keys
         attended to (cached + new). A layer that does not make K/V needs its group's ``kv``."""
         B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         if self.makes_kv:
-            q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-            v = v.view(B, T, nkv, hd).transpose(1, 2)
+            q, k, v = self.split_heads(x)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
             if rope is not None:
                 k = apply_rope(k, *rope)
             if cache is not None:
@@ -83,12 +56,9 @@ class CrossLayerAttention(nn.Module):
         elif kv is None:
             raise ValueError(f"layer {layer} reuses the keys/values of its group's first layer: pass kv")
         else:
-            q = self.qkv(x)
-        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+            q = self.qkv(x).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         if rope is not None:
             q = apply_rope(q, *rope)
         k, v = repeat_kv(kv[0], nh // nkv), repeat_kv(kv[1], nh // nkv)
         dropout_p = self.dropout if self.training else 0.0
-        y = attend(q, k, v, mask, is_causal, dropout_p, self.backend)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, nh * hd)
-        return self.resid_dropout(self.proj(y)), kv
+        return self.merge_heads(attend(q, k, v, mask, is_causal, dropout_p, self.backend)), kv

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmzoo.layers.attention import attend, repeat_kv
+from lmzoo.cache import DecodingState
+from lmzoo.layers.attention import FusedQKV, attend, repeat_kv
 from lmzoo.layers.rope import apply_rope
 
 EPS = 1e-6
@@ -59,32 +60,29 @@ def update_memory(
     return M + torch.einsum("bgtd,bgte->bgde", sk, v), z + sk.sum(2)
 
 
-class InfiniCache:
+class InfiniCache(DecodingState):
     """Decoding state of Infini-attention: per layer the memory (M, z) and the unfinished segment.
 
     ``M`` (n_layer, B, n_kv_head, hd, hd) and ``z`` (n_layer, B, n_kv_head, hd) in float32; the
     current segment's keys after RoPE (for softmax), sigma(keys before RoPE) (for the memory update)
     and values, each (n_layer, B, n_kv_head, segment, hd). Allocated once: constant memory.
     Segments are counted from the first slot, so every row must start at the same place: left-
-    padded batches are refused (a padded row would see its segment boundaries shifted).
+    padded batches are refused (a padded row would see its segment boundaries shifted). It cannot
+    roll back (a completed segment is folded into the memory).
     """
 
-    def __init__(
-        self,
-        n_layer: int,
-        batch: int,
-        n_kv_head: int,
-        head_dim: int,
-        segment: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        pad: torch.Tensor | None = None,
-    ):
+    buffers = ("M", "z", "k", "sk", "v")
+    zeroed = ("M", "z")  # the segment buffers are read only up to pos % segment
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, segment: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 pad: torch.Tensor | None = None):
         if pad is not None and bool(torch.as_tensor(pad).any()):
             raise ValueError(
                 "Infini-attention counts segments from the first slot: left-padded batches would shift "
                 "each row's segments; generate rows of different lengths separately"
             )
+        super().__init__(batch, device)
         self.segment = segment
         self.M = torch.zeros(n_layer, batch, n_kv_head, head_dim, head_dim, device=device)
         self.z = torch.zeros(n_layer, batch, n_kv_head, head_dim, device=device)
@@ -92,20 +90,6 @@ class InfiniCache:
         self.k = torch.zeros(seg_shape, dtype=dtype, device=device)
         self.sk = torch.zeros(seg_shape, device=device)
         self.v = torch.zeros(seg_shape, dtype=dtype, device=device)
-        self.pos = 0
-        self.pad = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.M, self.z, self.k, self.sk, self.v))
-
-    def reset(self) -> None:
-        self.pos = 0
-        self.M.zero_()
-        self.z.zero_()
-
-    def positions(self, T: int) -> torch.Tensor:
-        return torch.arange(self.pos, self.pos + T, device=self.M.device)
 
     def mask(self, T: int, window: int | None = None) -> tuple[None, bool]:
         return None, True  # the layer builds its own segment-local masks
@@ -123,39 +107,21 @@ class InfiniCache:
         self.sk[layer, :, :, :n] = sk.detach()
         self.v[layer, :, :, :n] = v.detach()
 
-    def advance(self, T: int) -> None:
-        self.pos += T
 
-
-class InfiniAttention(nn.Module):
+class InfiniAttention(FusedQKV):
     """Causal self-attention within segments plus a compressive memory across them.
 
     Parameters ``qkv`` and ``proj`` have the layout of :class:`~lmzoo.layers.attention.CausalSelfAttention`
-    (so a pretrained attention's weights carry over unchanged); ``gate`` (n_head,) is beta.
+    (:class:`~lmzoo.layers.attention.FusedQKV`: a pretrained attention's weights carry over unchanged);
+    ``gate`` (n_head,) is beta.
     """
 
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        n_kv_head: int,
-        bias: bool = True,
-        dropout: float = 0.0,
-        backend: str = "sdpa",
-        head_dim: int | None = None,
-        segment: int = 64,
-        delta_rule: bool = False,
-        gate_init: float = 0.0,
-    ):
-        super().__init__()
-        self.n_head, self.n_kv_head = n_head, n_kv_head
-        self.head_dim = head_dim or n_embd // n_head
-        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, bias: bool = True, dropout: float = 0.0,
+                 backend: str = "sdpa", head_dim: int | None = None, segment: int = 64, delta_rule: bool = False,
+                 gate_init: float = 0.0):
+        super().__init__(n_embd, n_head, n_kv_head, bias, dropout, backend, head_dim)
         self.gate = nn.Parameter(torch.full((n_head,), float(gate_init)))
-        self.dropout = dropout
-        self.resid_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.backend, self.segment, self.delta_rule = backend, segment, delta_rule
+        self.segment, self.delta_rule = segment, delta_rule
 
     def forward(
         self,
@@ -169,10 +135,7 @@ class InfiniAttention(nn.Module):
         """x (B, T, C) -> (B, T, C): the T tokens that follow the ``cache``'s (or the first T)."""
         B, T, _ = x.shape
         hd, nh, nkv, seg = self.head_dim, self.n_head, self.n_kv_head, self.segment
-        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        q, k, v = self.split_heads(x)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
         sq, sk = sigma(q), sigma(k)  # the memory path uses positions-free queries and keys
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -213,5 +176,4 @@ class InfiniAttention(nn.Module):
             i += n
         if cache is not None:
             cache.set(layer, M, z, kb, skb, vb)
-        y = torch.cat(out, dim=2).transpose(1, 2).reshape(B, T, nh * hd)
-        return self.resid_dropout(self.proj(y))
+        return self.merge_heads(torch.cat(out, dim=2))

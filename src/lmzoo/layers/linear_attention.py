@@ -31,7 +31,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from lmzoo.cache import DecodingState
+from lmzoo.layers.attention import FusedQKV
 
 EPS = 1e-6
 
@@ -116,58 +118,27 @@ def linear_attention_step(
     return y.to(v.dtype), (S, z)
 
 
-class LinearAttentionState:
+class LinearAttentionState(DecodingState):
     """The decoding cache of linear attention: (S, z) per layer, a fixed size whatever the length.
 
     ``S`` is (n_layer, B, n_kv_head, head_dim, head_dim) and ``z`` (n_layer, B, n_kv_head, head_dim),
-    float32. The same protocol as :class:`lmzoo.cache.KVCache` (``positions``, ``mask``, ``advance``);
-    the attention layers read and write their state with ``get(layer)`` / ``set(layer, S, z)``.
+    float32. The attention layers read and write their state with ``get(layer)`` / ``set(layer, S, z)``;
     ``mask(T)`` returns which of the T new tokens are real (left padding is kept out of the state).
+    A recurrence: it cannot roll back.
     """
 
-    def __init__(
-        self,
-        n_layer: int,
-        batch: int,
-        n_kv_head: int,
-        head_dim: int,
-        dtype: torch.dtype = torch.float32,  # accepted for the protocol; the state is always float32
-        device: torch.device | str = "cpu",
-        pad: torch.Tensor | None = None,
-    ):
+    buffers = zeroed = ("S", "z")
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 pad: torch.Tensor | None = None):
+        super().__init__(batch, device, pad)  # dtype: accepted for the protocol; the state is always float32
         self.S = torch.zeros(n_layer, batch, n_kv_head, head_dim, head_dim, device=device)
         self.z = torch.zeros(n_layer, batch, n_kv_head, head_dim, device=device)
-        self.pos = 0
-        if pad is not None:
-            pad = torch.as_tensor(pad, dtype=torch.long, device=device)
-            if pad.shape != (batch,):
-                raise ValueError(f"pad must have shape ({batch},), got {tuple(pad.shape)}")
-            if not bool(pad.any()):
-                pad = None
-        self.pad = pad
 
-    @property
-    def nbytes(self) -> int:
-        return self.S.numel() * self.S.element_size() + self.z.numel() * self.z.element_size()
-
-    def reset(self) -> None:
-        self.S.zero_()
-        self.z.zero_()
-        self.pos = 0
-
-    def positions(self, T: int) -> torch.Tensor:
-        """Position ids of the next T tokens: (T,), or (B, T) counted from each row's first real token."""
-        pos = torch.arange(self.pos, self.pos + T, device=self.S.device)
-        if self.pad is None:
-            return pos
-        return (pos[None, :] - self.pad[:, None]).clamp_min(0)
-
-    def mask(self, T: int) -> tuple[torch.Tensor | None, bool]:
+    def mask(self, T: int, window: int | None = None) -> tuple[torch.Tensor | None, bool]:
         """(real (B, T) bool or None when no row is padded, True): which new tokens enter the state."""
-        if self.pad is None:
-            return None, True
-        slots = torch.arange(self.pos, self.pos + T, device=self.S.device)
-        return slots[None, :] >= self.pad[:, None], True
+        return self.real_tokens(T), True
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.S[layer], self.z[layer]
@@ -176,36 +147,20 @@ class LinearAttentionState:
         self.S[layer].copy_(S.detach())  # a cache is never differentiated
         self.z[layer].copy_(z.detach())
 
-    def advance(self, T: int) -> None:
-        self.pos += T
 
-
-class LinearSelfAttention(nn.Module):
+class LinearSelfAttention(FusedQKV):
     """Causal linear attention with the parameter layout of :class:`~lmzoo.layers.attention.CausalSelfAttention`
-    (fused ``qkv``, ``proj``), so the two are interchangeable in a block.
+    (fused ``qkv``, ``proj``: :class:`~lmzoo.layers.attention.FusedQKV`), so the two are interchangeable in
+    a block.
 
     Training and prefill use the chunked parallel form; a single new token uses the recurrent step.
     Positions must come from outside the attention (a learned table, or none at all): RoPE on
     phi(q), phi(k) would break the positivity the normalizer relies on.
     """
 
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        n_kv_head: int,
-        bias: bool = True,
-        dropout: float = 0.0,
-        feature: str = "elu",
-        chunk: int = 64,
-        head_dim: int | None = None,
-    ):
-        super().__init__()
-        self.n_head, self.n_kv_head = n_head, n_kv_head
-        self.head_dim = head_dim or n_embd // n_head
-        self.qkv = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(n_head * self.head_dim, n_embd, bias=bias)
-        self.resid_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, bias: bool = True, dropout: float = 0.0,
+                 feature: str = "elu", chunk: int = 64, head_dim: int | None = None):
+        super().__init__(n_embd, n_head, n_kv_head, bias, dropout, head_dim=head_dim)
         self.phi = feature_map(feature)
         self.chunk = chunk
 
@@ -219,20 +174,15 @@ class LinearSelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). ``mask`` (B, T) bool: the real tokens (from ``cache.mask``)."""
-        B, T, _ = x.shape
-        hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
-        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = self.phi(q.view(B, T, nh, hd).transpose(1, 2))  # (B, nh, T, hd)
-        k = self.phi(k.view(B, T, nkv, hd).transpose(1, 2))  # (B, nkv, T, hd)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        q, k, v = self.split_heads(x)
+        q, k = self.phi(q), self.phi(k)  # (B, nh, T, hd), (B, nkv, T, hd)
         if mask is not None:
             k = k * mask[:, None, :, None].to(k.dtype)  # padding adds nothing to S or z
         state = cache.get(layer) if cache is not None else None
-        if T == 1:
+        if x.shape[1] == 1:
             y, state = linear_attention_step(q, k, v, state)
         else:
             y, state = causal_linear_attention(q, k, v, state, self.chunk)
         if cache is not None:
             cache.set(layer, *state)
-        y = y.transpose(1, 2).reshape(B, T, nh * hd)
-        return self.resid_dropout(self.proj(y))
+        return self.merge_heads(y)

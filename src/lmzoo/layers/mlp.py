@@ -17,15 +17,25 @@ from lmzoo.layers.kan import KANFeedForward, kan_hidden  # noqa: F401 - kan_hidd
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = True, activation: str = "gelu", dropout: float = 0.0):
+    """``proj(act(fc(x)))``; ``activation`` gelu, gelu_tanh or relu (the original Transformer's, and
+    Transformer-XL's). ``hidden_dropout``: dropout on the hidden units too (Transformer-XL)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True, activation: str = "gelu", dropout: float = 0.0,
+                 hidden_dropout: bool = False):
         super().__init__()
         self.fc = nn.Linear(dim, hidden, bias=bias)
         self.proj = nn.Linear(hidden, dim, bias=bias)
-        self.approximate = "tanh" if activation == "gelu_tanh" else "none"
+        self.activation = activation
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.hidden_dropout = nn.Dropout(dropout) if hidden_dropout and dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+        h = self.fc(x)
+        if self.activation == "relu":
+            h = F.relu(h)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.dropout(self.proj(self.hidden_dropout(h)))
 
 
 class SwiGLU(nn.Module):

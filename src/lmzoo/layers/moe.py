@@ -77,6 +77,9 @@ class MoE(nn.Module):
     (Jamba; Switch with k = 1), instead of a softmax over the k selected logits (Mixtral).
     """
 
+    # quantizers leave these in full precision (lmzoo.quant.quantizable_linears), for this reason
+    keep_precise = {"router": "its few logits choose the experts: a quantized router changes which experts run"}
+
     def __init__(
         self,
         dim: int,

@@ -266,9 +266,16 @@ class SelectiveSSM(nn.Module):
 
     Decoding state (``cache``, a :class:`~lmzoo.cache.MambaCache`): ``cache.conv[layer]`` (B,
     d_conv - 1, d) holds the last inputs of the convolution and ``cache.ssm[layer]`` (B, d, N) the SSM
-    state. Left-padded rows (``cache.real_mask``) have their padding zeroed before the convolution
+    state. Left-padded rows (``cache.real_tokens``) have their padding zeroed before the convolution
     and before the SSM, so the padding never reaches the state: each row computes what it would alone.
     """
+
+    # quantizers leave these in full precision (lmzoo.quant.quantizable_linears): binarized Mamba
+    # (Bi-Mamba, Tang et al. 2024) quantizes in_proj and out_proj and keeps the selective projections
+    keep_precise = {
+        "x_proj": "it computes the input-dependent Δ, B and C of the selective scan (small, and sensitive)",
+        "dt_proj": "it sets each channel's time step Δ through a softplus (small, and sensitive)",
+    }
 
     def __init__(
         self,
@@ -329,7 +336,7 @@ class SelectiveSSM(nn.Module):
         """x (B, T, d_model) -> (B, T, d_model); with ``cache``, x holds the next T tokens."""
         Bsz, T, _ = x.shape
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d) each: the SSM branch and the gate
-        real = cache.real_mask(T) if cache is not None else None  # (B, T) bool, or None: no padding
+        real = cache.real_tokens(T) if cache is not None else None  # (B, T) bool, or None: no padding
         if real is not None:
             xs = xs * real[..., None]
         # depthwise causal convolution over time, a short local mixing before the long-range SSM,

@@ -1,7 +1,8 @@
 """Model families and their presets.
 
-Each family lives in its own file with its Config subclass, ``PRESETS`` and model class, and is
-registered here by name. ``build("gpt2", n_layer=6)`` builds a preset with overrides.
+Each family lives in its own file with its config class, ``PRESETS`` and model class (a
+:class:`~lmzoo.models.base.LanguageModel`), and is registered here, in :data:`REGISTERED`: the one
+place a new family is added. ``build("gpt2", n_layer=6)`` builds a preset with overrides.
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ from lmzoo.errors import ConfigError, suggest
 from lmzoo.models import gpt2, jamba, llama, mamba, transformer_xl
 from lmzoo.models.base import LanguageModel, LMOutput
 
-# family name -> model class (which carries ``config_class``); presets name -> (family, settings)
-FAMILIES: dict[str, type[LanguageModel]] = {
-    "gpt2": gpt2.GPT,
-    "llama": llama.Llama,
-    "transformer-xl": transformer_xl.TransformerXL,
-    "mamba": mamba.Mamba,
-    "jamba": jamba.Jamba,
+# the families: (model class, its presets); a class's ``family`` is its registry name
+REGISTERED: tuple[tuple[type[LanguageModel], dict[str, dict[str, Any]]], ...] = (
+    (gpt2.GPT, gpt2.PRESETS),
+    (llama.Llama, llama.PRESETS),
+    (transformer_xl.TransformerXL, transformer_xl.PRESETS),
+    (mamba.Mamba, mamba.PRESETS),
+    (jamba.Jamba, jamba.PRESETS),
+)
+FAMILIES: dict[str, type[LanguageModel]] = {cls.family: cls for cls, _ in REGISTERED}
+# preset name -> (family, settings)
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    name: (cls.family, settings) for cls, presets in REGISTERED for name, settings in presets.items()
 }
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {name: ("gpt2", d) for name, d in gpt2.PRESETS.items()}
-PRESETS.update({name: ("llama", d) for name, d in llama.PRESETS.items()})
-PRESETS.update({name: ("transformer-xl", d) for name, d in transformer_xl.PRESETS.items()})
-PRESETS.update({name: ("mamba", d) for name, d in mamba.PRESETS.items()})
-PRESETS.update({name: ("jamba", d) for name, d in jamba.PRESETS.items()})
 
 
 def family_class(name: str) -> type[LanguageModel]:

@@ -22,30 +22,27 @@ Answers to long contexts and large caches, also config fields (docs/ for each):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import torch
 from torch import nn
 
-from lmzoo.cache import KVCache, position_bound
-from lmzoo.config import Config
+from lmzoo.cache import DecodingState, KVCache
 from lmzoo.errors import ConfigError
 from lmzoo.layers.alibi import alibi_bias, alibi_slopes
 from lmzoo.layers.attention import CausalSelfAttention
-from lmzoo.layers.chunked_ce import linear_cross_entropy
 from lmzoo.layers.cross_layer_attention import CrossLayerAttention, kv_groups
 from lmzoo.layers.infini_attention import InfiniAttention, InfiniCache
 from lmzoo.layers.linear_attention import LinearAttentionState, LinearSelfAttention
 from lmzoo.layers.mlp import kan_hidden, make_mlp, swiglu_hidden
-from lmzoo.layers.moe import MoE, add_router_losses, combine_router_stats
+from lmzoo.layers.moe import MoE
 from lmzoo.layers.norm import make_norm
 from lmzoo.layers.rope import RotaryEmbedding
-from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
+from lmzoo.models.base import Block, Blocks, Context, LanguageModel, ModelConfig, attention_flops, renamed
 
 
 @dataclasses.dataclass
-class GPTConfig(Config):
+class GPTConfig(ModelConfig):
     vocab_size: int = 50257
     block_size: int = 1024  # longest context trained on (and the size of the learned position table)
     n_layer: int = 12
@@ -89,31 +86,18 @@ class GPTConfig(Config):
     ce_chunk: int = 0
 
     def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if self.n_kv_head <= 0:
-            raise ConfigError(f"n_kv_head must be positive, got {self.n_kv_head}")
+        self.require_positive("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_head % self.n_kv_head:
-            raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        self.check_heads()
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError(f"RoPE needs an even head dimension, got {self.n_embd // self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.check_dropout()
         if self.mlp_hidden is not None and self.mlp_hidden <= 0:
             raise ConfigError(f"mlp_hidden must be positive, got {self.mlp_hidden}")
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ConfigError("norm_eps, rope_theta and init_std must be positive")
-        if self.n_experts < 0 or self.n_experts == 1:
-            raise ConfigError(f"n_experts must be 0 (dense) or at least 2, got {self.n_experts}")
-        if self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts:
-            raise ConfigError(
-                f"n_experts_per_tok must be in 1..{self.n_experts}, got {self.n_experts_per_tok}"
-            )
+        self.check_experts()
         if self.linear_chunk <= 0 or self.infini_segment <= 0 or self.kv_share_every <= 0:
             raise ConfigError("linear_chunk, infini_segment and kv_share_every must be positive")
         if self.attention != "softmax" and self.pos_emb == "alibi":
@@ -168,161 +152,125 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: attention then MLP, each on a normalized copy of the stream."""
+class GPTBlock(Block):
+    """Pre-norm residual block: the mixer (attention of the configured kind) then the MLP (or a
+    mixture of MLP experts), each on a normalized copy of the stream."""
 
     def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
-        self.ln_1 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        self.mixer_norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
         args = (cfg.n_embd, cfg.n_head, cfg.n_kv_head)
         self.shares_kv = cfg.kv_share_every > 1
+        self.group = layer // cfg.kv_share_every  # the K/V group of cross-layer sharing
         if cfg.attention == "linear":
-            self.attn = LinearSelfAttention(
+            self.mixer = LinearSelfAttention(
                 *args, cfg.bias, cfg.dropout, cfg.linear_feature_map, cfg.linear_chunk
             )
         elif cfg.attention == "infini":
-            self.attn = InfiniAttention(
+            self.mixer = InfiniAttention(
                 *args, cfg.bias, cfg.dropout, cfg.attn_backend, segment=cfg.infini_segment,
                 delta_rule=cfg.infini_delta_rule, gate_init=cfg.infini_gate_init,
             )
         elif self.shares_kv:  # the first layer of each run of kv_share_every makes the keys/values
             makes_kv = layer % cfg.kv_share_every == 0
-            self.attn = CrossLayerAttention(
+            self.mixer = CrossLayerAttention(
                 *args, makes_kv, cfg.kv_share_every, cfg.bias, cfg.dropout, cfg.attn_backend
             )
         else:
-            self.attn = CausalSelfAttention(*args, cfg.bias, cfg.dropout, cfg.attn_backend)
-        self.ln_2 = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
-        self.moe = cfg.n_experts > 0
-        if self.moe:
-            self.mlp = MoE(
+            self.mixer = CausalSelfAttention(*args, cfg.bias, cfg.dropout, cfg.attn_backend)
+        self.ffn_norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        if cfg.n_experts > 0:
+            self.ffn = MoE(
                 cfg.n_embd, cfg.hidden, cfg.n_experts, cfg.n_experts_per_tok, cfg.mlp, cfg.bias, cfg.dropout
             )
         else:
-            self.mlp = make_mlp(cfg.mlp, cfg.n_embd, cfg.hidden, cfg.bias, cfg.dropout)
+            self.ffn = make_mlp(cfg.mlp, cfg.n_embd, cfg.hidden, cfg.bias, cfg.dropout)
 
-    def forward(self, x, rope=None, mask=None, is_causal=True, cache=None, layer=0, kv=None):
-        """x (B, T, C) -> (B, T, C), the router's statistics (RouterStats) in an MoE block (else None),
-        and with cross-layer KV sharing the keys/values of this layer's group (else None)."""
+    def forward(self, x: torch.Tensor, ctx: Context, layer: int):
+        """x (B, T, C) -> (B, T, C) and the router's statistics (RouterStats) in an MoE block (else None).
+
+        With cross-layer KV sharing the group's keys/values travel in ``ctx.shared[group]``: the
+        group's first layer writes them, the others read them."""
+        h, (mask, is_causal) = self.mixer_norm(x), ctx.mask()
         if self.shares_kv:
-            a, kv = self.attn(self.ln_1(x), rope, mask, is_causal, cache, layer, kv)
+            a, ctx.shared[self.group] = self.mixer(h, ctx.rope, mask, is_causal, ctx.cache, layer,
+                                                   ctx.shared.get(self.group))
         else:
-            a = self.attn(self.ln_1(x), rope, mask, is_causal, cache, layer)
-        x = x + a
-        if self.moe:
-            h, stats = self.mlp(self.ln_2(x))
-        else:
-            h, stats = self.mlp(self.ln_2(x)), None
-        return x + h, stats, kv
+            a = self.mixer(h, ctx.rope, mask, is_causal, ctx.cache, layer)
+        return self.feed_forward(x + a)
 
 
 class GPT(LanguageModel):
     family = "gpt2"
     config_class = GPTConfig
+    input_parts = ("embed", "pos_embed")
+    # the names GPT-2's checkpoint uses (nanoGPT's), which lmzoo used before the shared part names
+    legacy_names = renamed(("wte", "embed"), ("wpe", "pos_embed"), ("ln_1", "mixer_norm"), ("attn", "mixer"),
+                           ("ln_2", "ffn_norm"), ("mlp", "ffn"), ("ln_f", "norm"), ("lm_head", "head"))
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = cfg = config
-        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.ce_chunk = cfg.ce_chunk
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.pos_emb == "rope" else None
         # ALiBi's head slopes (n_head,): fixed, not learned, not saved
         self.register_buffer("alibi", alibi_slopes(cfg.n_head) if cfg.pos_emb == "alibi" else None, persistent=False)
+        self.static_decoding = cfg.pos_emb != "alibi"  # ALiBi's biases need the true key count, not a bound
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
+        self.blocks = Blocks(GPTBlock(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
+        self.make_head(cfg.padded_vocab_size, cfg.tie_embeddings)
         self.init_weights()
 
     def init_weights(self) -> None:
         """GPT-2's initialization.
 
-        | weight                                   | init                              |
-        |------------------------------------------|-----------------------------------|
-        | embeddings, every Linear                 | normal(0, init_std=0.02)          |
-        | residual projections (attn.proj, mlp out)| normal(0, 0.02 / sqrt(2*n_layer)) |
-        | biases                                   | 0                                 |
-        | norm weights                             | 1 (their own init)                |
+        | weight                                     | init                              |
+        |--------------------------------------------|-----------------------------------|
+        | embeddings, every Linear                   | normal(0, init_std=0.02)          |
+        | residual projections (mixer.proj, ffn out) | normal(0, 0.02 / sqrt(2*n_layer)) |
+        | biases                                     | 0                                 |
+        | norm weights                               | 1 (their own init)                |
 
         The scaled residual init keeps the residual stream's variance from growing with depth:
         each block adds two projections, so 2 * n_layer terms are summed.
         """
-        std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():
-            if name.endswith(("proj.weight", "down.weight")):  # attn.proj, mlp.proj or mlp.down, and experts'
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        self.init_normal(self.config.init_std)
+        self.init_residual(self.config.init_std, ("proj.weight", "down.weight"))  # experts' too
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> LMOutput:
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean loss.
-
-        With a ``cache``, idx holds the next T tokens after those already cached.
-        """
-        B, T = idx.shape
+    def begin(self, idx: torch.Tensor, cache: DecodingState | None) -> tuple[torch.Tensor, Context]:
+        """Token + position embeddings, and the chunk's rotary tables or ALiBi biases and masks."""
+        T = idx.shape[1]
         pos = cache.positions(T) if cache is not None else torch.arange(T, device=idx.device)
-        end = T if cache is None else position_bound(cache, T)  # bounds the positions (Python int: no sync)
-        if self.wpe is not None and end > self.config.block_size:
+        end = T if cache is None else cache.bound(T)  # bounds the positions (Python int: no sync)
+        if self.pos_embed is not None and end > self.config.block_size:
             raise ValueError(
                 f"{end} positions do not fit the learned position table (block_size "
                 f"{self.config.block_size}); use a shorter context"
             )
-        x = self.wte(idx)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(pos)
-        x = self.drop(x)
+        if idx.is_floating_point():  # a later pipeline stage: the previous stage's hidden states
+            x = idx
+        else:
+            x = self.embed(idx)  # (B, T, C)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(pos)
+            x = self.drop(x)
         rope = self.rope(pos, end) if self.rope is not None else None  # cos, sin: (T or B,T, hd)
         mask, is_causal = cache.mask(T) if cache is not None else (None, True)
         if self.alibi is not None:  # the distance penalty joins the causal/padding mask as a float bias
             mask, is_causal = alibi_bias(self.alibi, T, end, mask, is_causal, x.dtype), False
-        stats, kv = [], None  # kv: the current group's keys/values under cross-layer KV sharing
-        for i, block in enumerate(self.blocks):
-            x, s, kv = block(x, rope, mask, is_causal, cache, i, kv)
-            if s is not None:
-                stats.append(s)
-        if cache is not None:
-            cache.advance(T)
-        x = self.ln_f(x)
-        aux = combine_router_stats(stats) if stats else None  # MoE: router losses and expert loads
-        if targets is not None:
-            if self.config.ce_chunk:  # head + loss chunk by chunk: no (B, T, vocab) float32 logits
-                logits = None
-                loss = linear_cross_entropy(
-                    x, self.lm_head.weight, targets, self.config.ce_chunk, self.config.vocab_size
-                )
-            else:
-                logits = self._head(x)
-                loss = lm_loss(logits, targets)
-            if aux is not None:
-                aux["lm_loss"] = loss.detach()
-                loss = add_router_losses(loss, aux, self.config.moe_aux_weight, self.config.moe_z_weight)
-            return LMOutput(logits, loss, aux)
-        return LMOutput(self._head(x[:, -1:] if last_only else x), None, aux)
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) -> logits (B, T, vocab_size): the padding rows of a padded vocabulary dropped."""
-        logits = self.lm_head(x)
-        return logits[..., : self.config.vocab_size] if logits.shape[-1] != self.config.vocab_size else logits
+        return x, Context(cache, rope, {None: (mask, is_causal)})
 
     def init_cache(
-        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None
+        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None, rollback: bool = False
     ) -> KVCache | LinearAttentionState | InfiniCache:
         """Decoding state for ``batch`` rows of up to ``max_len`` tokens (default block_size).
 
         A preallocated KV cache (one entry per K/V group with ``kv_share_every``); for linear
         attention the recurrent state (S, z), and for Infini-attention the memory plus one segment:
-        both of a fixed size, ``max_len`` does not apply.
+        both of a fixed size (``max_len`` does not apply) and unable to roll back.
         """
         cfg = self.config
         dtype, device = dtype or self.dtype, device or self.device
@@ -345,18 +293,18 @@ class GPT(LanguageModel):
 
     def max_positions(self) -> int | None:
         """Longest sequence the position encoding allows (None: unbounded, e.g. RoPE, ALiBi)."""
-        return self.config.block_size if self.wpe is not None else None
+        return self.config.block_size if self.config.pos_emb == "learned" else None
 
     def crop_block_size(self, block_size: int) -> None:
         """Model surgery: shrink the context (e.g. load GPT-2 with 1024 and train at 256)."""
         if not 0 < block_size <= self.config.block_size:
             raise ConfigError(f"crop_block_size: {block_size} is not in 1..{self.config.block_size}")
         self.config.block_size = block_size
-        if self.wpe is not None:
-            self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
-            self.wpe.num_embeddings = block_size
+        if self.pos_embed is not None:
+            self.pos_embed.weight = nn.Parameter(self.pos_embed.weight[:block_size].detach().clone())
+            self.pos_embed.num_embeddings = block_size
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None, recurrent: bool = False) -> float:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
 
         6 * N for the matmuls with the weights (2 forward, 4 backward; N without the position
@@ -371,4 +319,4 @@ class GPT(LanguageModel):
             T = min(T, cfg.linear_chunk) + cfg.head_dim
         elif cfg.attention == "infini":
             T = min(T, cfg.infini_segment) + cfg.head_dim
-        return 6 * self.active_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        return 6 * self.active_params() + attention_flops(cfg.n_head * cfg.head_dim, [T] * cfg.n_layer)

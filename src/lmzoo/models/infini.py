@@ -32,7 +32,7 @@ def to_infini(
     ``segment``: tokens per segment (local softmax attention inside, memory across). ``delta_rule``:
     the delta-rule memory update. ``gate_init``: initial beta of every head (memory share sigmoid(beta)).
     """
-    if not hasattr(model.config, "infini_segment"):
+    if "infini_segment" not in model.config.field_names():
         raise ConfigError(f"the {model.family} family has no Infini-attention option")
     if getattr(model.config, "attention", "softmax") != "softmax":
         raise ConfigError(f"to_infini converts softmax attention, this model has attention={model.config.attention}")
@@ -42,6 +42,6 @@ def to_infini(
     with torch.device(model.device):
         new = build_model(model.family, cfg).to(model.dtype)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.endswith("attn.gate") for k in missing):
+    if unexpected or any(not k.endswith("mixer.gate") for k in missing):
         raise ConfigError(f"to_infini: weights do not carry over (missing {missing}, unexpected {unexpected})")
     return new.train(model.training)

@@ -28,25 +28,23 @@ layers and a :class:`~lmzoo.cache.MambaCache` for the Mamba layers, each numbere
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import torch
 from torch import nn
 
-from lmzoo.cache import HybridCache, KVCache, MambaCache
-from lmzoo.config import Config
+from lmzoo.cache import DecodingState, HybridCache, KVCache, MambaCache
 from lmzoo.errors import ConfigError
 from lmzoo.layers.attention import CausalSelfAttention
 from lmzoo.layers.mlp import SwiGLU
-from lmzoo.layers.moe import MoE, RouterStats, add_router_losses, combine_router_stats
+from lmzoo.layers.moe import MoE
 from lmzoo.layers.norm import RMSNorm
 from lmzoo.layers.ssm import SelectiveSSM
-from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
+from lmzoo.models.base import Block, Blocks, Context, LanguageModel, ModelConfig, attention_flops, renamed
 
 
 @dataclasses.dataclass
-class JambaConfig(Config):
+class JambaConfig(ModelConfig):
     vocab_size: int = 65536
     block_size: int = 4096  # context trained on; nothing in the model is bounded by it
     n_layer: int = 32
@@ -83,14 +81,9 @@ class JambaConfig(Config):
     dt_max: float = 0.1
 
     def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "mlp_hidden", "attn_every",
-                     "moe_every", "d_state", "d_conv", "expand", "scan_chunk", "scan_segment"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
-            raise ConfigError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        self.require_positive("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "mlp_hidden", "attn_every",
+                              "moe_every", "d_state", "d_conv", "expand", "scan_chunk", "scan_segment")
+        self.check_heads()
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0 <= self.attn_offset < self.attn_every:
@@ -106,8 +99,7 @@ class JambaConfig(Config):
             raise ConfigError(f"dt_rank must be positive, got {self.dt_rank}")
         if self.scan_segment % self.scan_chunk:
             raise ConfigError("scan_segment must be a multiple of scan_chunk")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.check_dropout()
         if self.norm_eps <= 0 or self.init_std <= 0 or not 0 < self.dt_min <= self.dt_max:
             raise ConfigError("norm_eps and init_std must be positive, and 0 < dt_min <= dt_max")
 
@@ -116,6 +108,10 @@ class JambaConfig(Config):
 
     def is_moe(self, layer: int) -> bool:
         return self.n_experts > 0 and layer % self.moe_every == self.moe_offset
+
+    def slot(self, layer: int) -> int:
+        """A layer's index among the layers of its kind: its slot in the KV cache or the SSM state."""
+        return sum(self.is_attention(i) == self.is_attention(layer) for i in range(layer))
 
     @property
     def d_inner(self) -> int:
@@ -126,7 +122,7 @@ class JambaConfig(Config):
 _TINY = dict(n_head=4, n_kv_head=2, attn_every=4, attn_offset=2, n_experts=4, n_experts_per_tok=2, d_state=8)
 PRESETS: dict[str, dict] = {
     "jamba-v0.1": dict(),
-    # on CPU next to gpt2-char-cpu (4 x 128): as many active parameters; one attention layer in 4,
+    # on CPU next to gpt2-char-cpu (4 x 128): 988,872 active parameters (its: 801,664); one attention layer in 4,
     # MoE (4 experts, top 2) in every other layer
     "jamba-char-cpu": dict(n_layer=4, n_embd=128, mlp_hidden=256, block_size=64, vocab_size=65, **_TINY),
     # four layers covering every combination: mamba+MoE, attention+MLP, mamba+MLP, attention+MoE
@@ -137,12 +133,13 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class Block(nn.Module):
+class JambaBlock(Block):
     """Pre-norm residual block: RMSNorm -> (attention or Mamba), RMSNorm -> (SwiGLU or MoE of SwiGLUs)."""
 
     def __init__(self, cfg: JambaConfig, layer: int):
         super().__init__()
-        self.attention, self.moe = cfg.is_attention(layer), cfg.is_moe(layer)
+        self.attention = cfg.is_attention(layer)
+        self.slot = cfg.slot(layer)  # its index in cache.kv (attention) or cache.ssm (Mamba)
         self.mixer_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         if self.attention:  # no RoPE: Jamba's attention layers take no position information
             self.mixer = CausalSelfAttention(
@@ -156,50 +153,36 @@ class Block(nn.Module):
                 segment=cfg.scan_segment,
             )
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        if self.moe:
+        if cfg.is_moe(layer):
             self.ffn = MoE(cfg.n_embd, cfg.mlp_hidden, cfg.n_experts, cfg.n_experts_per_tok, "swiglu",
                            renormalize=False)
         else:
             self.ffn = SwiGLU(cfg.n_embd, cfg.mlp_hidden, bias=False)
 
-    def forward(
-        self, x, mask=None, is_causal=True, cache: HybridCache | None = None, slot: int = 0
-    ) -> tuple[torch.Tensor, RouterStats | None]:
-        """x (B, T, C) -> (B, T, C), and the router's statistics in an MoE block.
-
-        ``slot`` numbers this layer among the layers of its kind (its index in ``cache.kv`` or
-        ``cache.ssm``).
-        """
-        h = self.mixer_norm(x)
+    def forward(self, x: torch.Tensor, ctx: Context, layer: int):
+        """x (B, T, C) -> (B, T, C), and the router's statistics in an MoE block."""
+        h, cache = self.mixer_norm(x), ctx.cache
         if self.attention:
-            h = self.mixer(h, None, mask, is_causal, cache.kv if cache is not None else None, slot)
+            mask, is_causal = ctx.mask()
+            h = self.mixer(h, None, mask, is_causal, cache.kv if cache is not None else None, self.slot)
         else:
-            h = self.mixer(h, cache.ssm if cache is not None else None, slot)
-        x = x + h
-        if self.moe:
-            h, stats = self.ffn(self.ffn_norm(x))
-        else:
-            h, stats = self.ffn(self.ffn_norm(x)), None
-        return x + h, stats
+            h = self.mixer(h, cache.ssm if cache is not None else None, self.slot)
+        return self.feed_forward(x + h)
 
 
 class Jamba(LanguageModel):
     family = "jamba"
     config_class = JambaConfig
+    legacy_names = renamed(("wte", "embed"), ("norm_f", "norm"), ("lm_head", "head"))
 
     def __init__(self, config: JambaConfig):
         super().__init__()
         self.config = cfg = config
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        kinds = [cfg.is_attention(i) for i in range(cfg.n_layer)]
-        self.n_attention = sum(kinds)
-        # each layer's index among the layers of its kind: its slot in the KV or the SSM cache
-        self.slots = [sum(k == kinds[i] for k in kinds[:i]) for i in range(cfg.n_layer)]
-        self.norm_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = Blocks(JambaBlock(cfg, i) for i in range(cfg.n_layer))
+        self.n_attention = sum(cfg.is_attention(i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.make_head(cfg.vocab_size, cfg.tie_embeddings)
         self.init_weights()
 
     @torch.no_grad()
@@ -208,21 +191,15 @@ class Jamba(LanguageModel):
 
         | weight                                                    | init                              |
         |-----------------------------------------------------------|-----------------------------------|
-        | embedding, lm_head, q/k/v, gate/up, router, in/x_proj     | normal(0, init_std=0.02)          |
-        | residual projections (attn.proj, down, Mamba out_proj)    | normal(0, 0.02 / sqrt(2*n_layer)) |
+        | embedding, head, q/k/v, gate/up, router, in/x_proj        | normal(0, init_std=0.02)          |
+        | residual projections (mixer.proj, down, Mamba out_proj)   | normal(0, 0.02 / sqrt(2*n_layer)) |
         | conv1d                                                    | PyTorch's default; bias 0         |
         | dt_proj, A_log, D (Mamba layers)                          | Mamba's (layers/ssm.py)           |
         | RMSNorm weights                                           | 1                                 |
         """
         cfg = self.config
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=cfg.init_std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():
-            if name.endswith(("mixer.proj.weight", "down.weight", "out_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        self.init_normal(cfg.init_std)
+        self.init_residual(cfg.init_std, ("mixer.proj.weight", "down.weight", "out_proj.weight"))
         for m in self.modules():
             if isinstance(m, SelectiveSSM):
                 m.conv1d.reset_parameters()
@@ -230,44 +207,17 @@ class Jamba(LanguageModel):
                     nn.init.zeros_(m.conv1d.bias)
                 m.reset_ssm_parameters(cfg.dt_min, cfg.dt_max)
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: HybridCache | None = None,
-        last_only: bool = False,
-    ) -> LMOutput:
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the loss.
-
-        With a ``cache``, idx holds the next T tokens after those already seen. ``aux`` holds the
-        routers' losses and statistics; the loss adds ``moe_aux_weight * moe_balance`` (and
-        ``moe_z_weight * moe_z``) to the cross-entropy, which ``aux["lm_loss"]`` reports alone.
-        """
-        T = idx.shape[1]
-        x = self.wte(idx)  # (B, T, C)
-        mask, is_causal = cache.mask(T) if cache is not None else (None, True)
-        stats = []
-        for block, slot in zip(self.blocks, self.slots):
-            x, s = block(x, mask, is_causal, cache, slot)
-            if s is not None:
-                stats.append(s)
-        if cache is not None:
-            cache.advance(T)
-        x = self.norm_f(x)
-        aux = combine_router_stats(stats) if stats else None
-        if targets is None:
-            return LMOutput(self.lm_head(x[:, -1:] if last_only else x), None, aux)
-        logits = self.lm_head(x)
-        loss = lm_loss(logits, targets)
-        if aux is not None:
-            aux["lm_loss"] = loss.detach()
-            loss = add_router_losses(loss, aux, self.config.moe_aux_weight, self.config.moe_z_weight)
-        return LMOutput(logits, loss, aux)
+    def begin(self, idx: torch.Tensor, cache: DecodingState | None) -> tuple[torch.Tensor, Context]:
+        """The token embedding and the attention layers' mask (no positions anywhere: the Mamba
+        layers tell the attention layers the order)."""
+        x = idx if idx.is_floating_point() else self.embed(idx)  # (B, T, C)
+        return x, Context(cache, None, {None: cache.mask(idx.shape[1]) if cache is not None else (None, True)})
 
     def init_cache(
-        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None
+        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None, rollback: bool = False
     ) -> HybridCache:
-        """KV slots for the attention layers (``max_len``, default block_size) and SSM state for the rest."""
+        """KV slots for the attention layers (``max_len``, default block_size) and SSM state for the rest
+        (a recurrence: it cannot roll back)."""
         cfg = self.config
         kw = dict(dtype=dtype or self.dtype, device=device or self.device, pad=pad)
         head_dim = cfg.n_embd // cfg.n_head
@@ -275,11 +225,7 @@ class Jamba(LanguageModel):
         ssm = MambaCache(cfg.n_layer - self.n_attention, batch, cfg.d_inner, cfg.d_conv, cfg.d_state, **kw)
         return HybridCache(kv, ssm)
 
-    def max_positions(self) -> int | None:
-        """None: no position table (the attention layers have no position encoding at all)."""
-        return None
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None, recurrent: bool = False) -> float:
         """Training FLOPs per token: 6 * N_active (the experts a token runs) + attention + the scans.
 
         Attention: 12 * d * T per attention layer (PaLM appendix B); the scan: 24 * d_inner * d_state
@@ -288,5 +234,5 @@ class Jamba(LanguageModel):
         cfg = self.config
         T = seq_len or cfg.block_size
         n_mamba = cfg.n_layer - self.n_attention
-        attention = 12 * self.n_attention * cfg.n_embd * T
+        attention = attention_flops(cfg.n_embd, [T] * self.n_attention)
         return 6 * self.active_params() + attention + 24 * n_mamba * cfg.d_inner * cfg.d_state

@@ -27,26 +27,24 @@ docs/moe.md): a router sends each token to ``n_experts_per_tok`` of the experts.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import torch
 from torch import nn
 
-from lmzoo.cache import KVCache, RollingKVCache, position_bound
-from lmzoo.config import Config
+from lmzoo.cache import DecodingState, KVCache, RollingKVCache
 from lmzoo.errors import ConfigError
 from lmzoo.layers.attention import CausalSelfAttention, layer_windows, window_mask
 from lmzoo.layers.infini_attention import InfiniAttention, InfiniCache
 from lmzoo.layers.mlp import SwiGLU, swiglu_hidden
-from lmzoo.layers.moe import MoE, RouterStats, add_router_losses, combine_router_stats
+from lmzoo.layers.moe import MoE
 from lmzoo.layers.norm import RMSNorm
 from lmzoo.layers.rope import ScaledRotaryEmbedding
-from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
+from lmzoo.models.base import Block, Blocks, Context, LanguageModel, ModelConfig, attention_flops, renamed
 
 
 @dataclasses.dataclass
-class LlamaConfig(Config):
+class LlamaConfig(ModelConfig):
     vocab_size: int = 32000
     block_size: int = 4096  # context trained on (RoPE itself is not bounded by it)
     n_layer: int = 32
@@ -83,13 +81,8 @@ class LlamaConfig(Config):
     init_std: float = 0.02
 
     def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if not 0 < self.n_kv_head <= self.n_head or self.n_head % self.n_kv_head:
-            raise ConfigError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        self.require_positive("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        self.check_heads()
         if self.head_dim is None and self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_dim"
@@ -110,14 +103,8 @@ class LlamaConfig(Config):
             raise ConfigError(f"window_pattern takes 'L' (local), 'G' (global); got {self.window_pattern!r}")
         if self.window_pattern and self.sliding_window is None:
             raise ConfigError("window_pattern needs a sliding_window for its local layers")
-        if self.n_experts == 1 or self.n_experts < 0:
-            raise ConfigError(f"n_experts must be 0 (dense) or at least 2, got {self.n_experts}")
-        if self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts:
-            raise ConfigError(
-                f"n_experts_per_tok must be in 1..{self.n_experts}, got {self.n_experts_per_tok}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.check_experts()
+        self.check_dropout()
         if self.infini_segment <= 0:
             raise ConfigError(f"infini_segment must be positive, got {self.infini_segment}")
         if self.attention == "infini" and self.sliding_window is not None:
@@ -153,158 +140,103 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class Block(nn.Module):
+class LlamaBlock(Block):
     """Pre-norm residual block: RMSNorm -> attention, RMSNorm -> SwiGLU (or mixture of SwiGLU experts)."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer: int = 0):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.window = cfg.windows[layer]  # its attention window (None: global)
+        self.mixer_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         if cfg.attention == "infini":
-            self.attn = InfiniAttention(
+            self.mixer = InfiniAttention(
                 cfg.n_embd, cfg.n_head, cfg.n_kv_head, bias=False, dropout=cfg.dropout, backend=cfg.attn_backend,
                 head_dim=cfg.head_dim, segment=cfg.infini_segment, delta_rule=cfg.infini_delta_rule,
                 gate_init=cfg.infini_gate_init,
             )
         else:
-            self.attn = CausalSelfAttention(
+            self.mixer = CausalSelfAttention(
                 cfg.n_embd, cfg.n_head, cfg.n_kv_head, bias=False, dropout=cfg.dropout,
                 backend=cfg.attn_backend, head_dim=cfg.head_dim,
             )
-        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.moe = cfg.n_experts > 0
-        if self.moe:
-            self.mlp = MoE(
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        if cfg.n_experts > 0:
+            self.ffn = MoE(
                 cfg.n_embd, cfg.hidden, cfg.n_experts, cfg.n_experts_per_tok, "swiglu", False, cfg.dropout
             )
         else:
-            self.mlp = SwiGLU(cfg.n_embd, cfg.hidden, bias=False, dropout=cfg.dropout)
+            self.ffn = SwiGLU(cfg.n_embd, cfg.hidden, bias=False, dropout=cfg.dropout)
 
-    def forward(
-        self, x, rope, mask=None, is_causal=True, cache=None, layer=0
-    ) -> tuple[torch.Tensor, RouterStats | None]:
+    def forward(self, x: torch.Tensor, ctx: Context, layer: int):
         """x (B, T, C) -> (B, T, C), and the router's statistics in a mixture-of-experts block."""
-        x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer)
-        if self.moe:
-            h, stats = self.mlp(self.mlp_norm(x))
-        else:
-            h, stats = self.mlp(self.mlp_norm(x)), None
-        return x + h, stats
+        mask, is_causal = ctx.mask(self.window)
+        return self.feed_forward(x + self.mixer(self.mixer_norm(x), ctx.rope, mask, is_causal, ctx.cache, layer))
 
 
 class Llama(LanguageModel):
     family = "llama"
     config_class = LlamaConfig
+    legacy_names = renamed(("wte", "embed"), ("attn_norm", "mixer_norm"), ("attn", "mixer"),
+                           ("mlp_norm", "ffn_norm"), ("mlp", "ffn"), ("norm_f", "norm"), ("lm_head", "head"))
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = cfg = config
-        self.windows = cfg.windows  # read once: the forward picks each layer's mask from it
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.windows = cfg.windows  # read once: begin builds one mask per distinct window
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.rope = ScaledRotaryEmbedding(
             cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
             cfg.rope_original_max or cfg.block_size, cfg.rope_beta_fast, cfg.rope_beta_slow,
             cfg.rope_attention_factor,
         )
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.blocks = Blocks(LlamaBlock(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.make_head(cfg.vocab_size, cfg.tie_embeddings)
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Initialization (Llama's paper does not state one; this is GPT-2's, as torchtitan does).
+        """Initialization (Llama's paper does not state one; this is GPT-2's scaled initialization).
 
         | weight                                          | init                              |
         |-------------------------------------------------|-----------------------------------|
-        | embedding, lm_head, q/k/v, gate/up, router      | normal(0, init_std=0.02)          |
-        | residual projections (attn.proj, every down)    | normal(0, 0.02 / sqrt(2*n_layer)) |
+        | embedding, head, q/k/v, gate/up, router         | normal(0, init_std=0.02)          |
+        | residual projections (mixer.proj, every down)   | normal(0, 0.02 / sqrt(2*n_layer)) |
         | RMSNorm weights                                 | 1                                 |
 
         Scaling the projections into the residual stream keeps its variance from growing with depth.
         """
-        std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "down.weight")):
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        self.init_normal(self.config.init_std)
+        self.init_residual(self.config.init_std, ("mixer.proj.weight", "down.weight"))
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | RollingKVCache | None = None,
-        last_only: bool = False,
-    ) -> LMOutput:
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the loss.
-
-        With a ``cache``, idx holds the next T tokens after those already cached. In a
-        mixture-of-experts model ``aux`` holds the router's losses and statistics (see
-        :func:`~lmzoo.layers.moe.combine_router_stats`), and the loss adds
-        ``moe_aux_weight * moe_balance + moe_z_weight * moe_z`` to the cross-entropy ``lm_loss``.
-        """
-        B, T = idx.shape
+    def begin(self, idx: torch.Tensor, cache: DecodingState | None) -> tuple[torch.Tensor, Context]:
+        """The token embedding, the chunk's rotary tables, and one mask per distinct attention window
+        (usually one; two for a local/global pattern)."""
+        T = idx.shape[1]
         pos = cache.positions(T) if cache is not None else torch.arange(T, device=idx.device)
-        end = T if cache is None else position_bound(cache, T)  # bounds the positions (Python int: no sync)
-        x = self.drop(self.wte(idx))  # (B, T, C)
-        rope = self.rope(pos, end)  # cos, sin: (T or B,T, hd)
-        # one mask per distinct window (usually one; two for a local/global pattern)
-        masks = {
-            w: cache.mask(T, w) if cache is not None else window_mask(T, w, idx.device)
-            for w in set(self.windows)
-        }
-        stats = []
-        for i, block in enumerate(self.blocks):
-            mask, is_causal = masks[self.windows[i]]
-            x, s = block(x, rope, mask, is_causal, cache, i)
-            if s is not None:
-                stats.append(s)
-        if cache is not None:
-            cache.advance(T)
-        x = self.norm_f(x)
-        aux = combine_router_stats(stats) if stats else None
-        if targets is None:
-            return LMOutput(self.lm_head(x[:, -1:] if last_only else x), None, aux)
-        logits = self.lm_head(x)
-        loss = lm_loss(logits, targets)
-        if aux is not None:
-            aux["lm_loss"] = loss.detach()
-            loss = add_router_losses(loss, aux, self.config.moe_aux_weight, self.config.moe_z_weight)
-        return LMOutput(logits, loss, aux)
+        end = T if cache is None else cache.bound(T)  # bounds the positions (Python int: no sync)
+        x = idx if idx.is_floating_point() else self.drop(self.embed(idx))  # (B, T, C)
+        masks = {w: cache.mask(T, w) if cache is not None else window_mask(T, w, idx.device) for w in set(self.windows)}
+        return x, Context(cache, self.rope(pos, end), masks)
 
     def init_cache(
-        self,
-        batch: int,
-        max_len: int | None = None,
-        dtype=None,
-        device=None,
-        pad=None,
-        rolling: bool | None = None,
+        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None, rollback: bool = False
     ) -> KVCache | RollingKVCache | InfiniCache:
         """Decoding state for ``batch`` rows of up to ``max_len`` tokens (default block_size).
 
-        ``rolling`` None picks a :class:`RollingKVCache` when some layer has a sliding window:
-        its windowed layers keep only ``sliding_window`` slots, so generation of any length
-        takes constant memory. ``rolling=False`` forces one full-length :class:`KVCache`.
+        With a sliding window a :class:`RollingKVCache`: its windowed layers keep only
+        ``sliding_window`` slots, so generation of any length takes constant memory; ``rollback``
+        asks for one full-length :class:`KVCache` instead (a ring cannot forget its newest tokens).
         """
         cfg = self.config
-        rolling = any(w is not None for w in self.windows) if rolling is None else rolling
         args = (batch, cfg.n_kv_head, cfg.head_dim, max_len or cfg.block_size)
         kw = dict(dtype=dtype or self.dtype, device=device or self.device, pad=pad)
         if cfg.attention == "infini":  # memory + one segment: a fixed size, max_len does not apply
             return InfiniCache(cfg.n_layer, batch, cfg.n_kv_head, cfg.head_dim, cfg.infini_segment, **kw)
-        if rolling:
+        if any(w is not None for w in self.windows) and not rollback:
             return RollingKVCache(self.windows, *args, **kw)
         return KVCache(cfg.n_layer, *args, **kw)
 
-    def max_positions(self) -> int | None:
-        """None: RoPE has no table to run out of (quality past block_size is another matter)."""
-        return None
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None, recurrent: bool = False) -> float:
         """Training FLOPs per token, PaLM appendix B: 6 * N_active + 12 * sum_layers(d * T_layer).
 
         N_active counts only the experts a token runs (``active_params``); T_layer is the context
@@ -312,8 +244,8 @@ class Llama(LanguageModel):
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        d = cfg.n_head * cfg.head_dim
         if cfg.attention == "infini":  # scores inside a segment, a (head_dim x head_dim) memory read
             T = min(T, cfg.infini_segment) + cfg.head_dim
-        attn = sum(12 * d * (min(T, w) if w else T) for w in self.windows)
-        return 6 * self.active_params() + attn
+        return 6 * self.active_params() + attention_flops(
+            cfg.n_head * cfg.head_dim, [min(T, w) if w else T for w in self.windows]
+        )

@@ -25,16 +25,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lmzoo.cache import MambaCache
-from lmzoo.config import Config
+from lmzoo.cache import DecodingState, MambaCache
 from lmzoo.errors import ConfigError
 from lmzoo.layers.norm import RMSNorm
 from lmzoo.layers.ssm import SelectiveSSM
-from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
+from lmzoo.models.base import Block, Blocks, Context, LanguageModel, ModelConfig
 
 
 @dataclasses.dataclass
-class MambaConfig(Config):
+class MambaConfig(ModelConfig):
     vocab_size: int = 50280  # GPT-NeoX's 50277 tokens padded to a multiple of 8, as in the checkpoints
     block_size: int = 2048  # context trained on; the model itself has no limit
     n_layer: int = 24
@@ -55,10 +54,8 @@ class MambaConfig(Config):
     dt_max: float = 0.1
 
     def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "d_state", "d_conv", "expand",
-                     "scan_chunk", "scan_segment"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        self.require_positive("vocab_size", "block_size", "n_layer", "n_embd", "d_state", "d_conv", "expand",
+                              "scan_chunk", "scan_segment")
         if self.dt_rank is not None and self.dt_rank <= 0:
             raise ConfigError(f"dt_rank must be positive, got {self.dt_rank}")
         if self.scan_segment % self.scan_chunk:
@@ -91,35 +88,38 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class Block(nn.Module):
-    """Pre-norm residual block around one selective-SSM mixer."""
+class MambaBlock(Block):
+    """Pre-norm residual block around one selective-SSM mixer (no feed-forward part)."""
 
     def __init__(self, cfg: MambaConfig):
         super().__init__()
-        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mixer_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mixer = SelectiveSSM(
             cfg.n_embd, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank, cfg.conv_bias, cfg.bias,
             scan=cfg.scan, chunk=cfg.scan_chunk, segment=cfg.scan_segment,
         )
+        self.ffn_norm = self.ffn = None  # the mixer's gated expansion plays the feed-forward's role
 
-    def forward(self, x: torch.Tensor, cache: MambaCache | None = None, layer: int = 0) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C)."""
-        return x + self.mixer(self.norm(x), cache, layer)
+    def forward(self, x: torch.Tensor, ctx: Context, layer: int):
+        """x (B, T, C) -> (B, T, C); no router."""
+        return x + self.mixer(self.mixer_norm(x), ctx.cache, layer), None
 
 
 class Mamba(LanguageModel):
     family = "mamba"
     config_class = MambaConfig
+    # the block's norm was `norm` and the final one `norm_f` (renamed in this order)
+    legacy_names = ((r"(?<![\w])(blocks\.\d+)\.norm(?![\w])", r"\1.mixer_norm"),
+                    (r"(?<![\w])wte(?![\w])", "embed"), (r"(?<![\w])norm_f(?![\w])", "norm"),
+                    (r"(?<![\w])lm_head(?![\w])", "head"))
 
     def __init__(self, config: MambaConfig):
         super().__init__()
         self.config = cfg = config
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = Blocks(MambaBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.make_head(cfg.vocab_size, cfg.tie_embeddings)
         self.init_weights()
 
     @torch.no_grad()
@@ -140,9 +140,9 @@ class Mamba(LanguageModel):
         with depth (GPT-2's scheme, one residual branch per block).
         """
         cfg = self.config
-        nn.init.normal_(self.wte.weight, mean=0.0, std=cfg.init_std)
+        nn.init.normal_(self.embed.weight, mean=0.0, std=cfg.init_std)
         if not cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=cfg.init_std)
+            nn.init.normal_(self.head.weight, mean=0.0, std=cfg.init_std)
         for block in self.blocks:
             mixer = block.mixer
             for lin in (mixer.in_proj, mixer.x_proj, mixer.out_proj, mixer.conv1d):
@@ -152,44 +152,23 @@ class Mamba(LanguageModel):
             mixer.out_proj.weight.div_(math.sqrt(cfg.n_layer))
             mixer.reset_ssm_parameters(cfg.dt_min, cfg.dt_max)
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: MambaCache | None = None,
-        last_only: bool = False,
-    ) -> LMOutput:
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean loss.
-
-        With a ``cache``, idx holds the next T tokens after those already seen (any T: a chunked
-        prefill runs the parallel scan from the cached state, a single token the recurrent step).
-        """
-        x = self.wte(idx)  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
-        if cache is not None:
-            cache.advance(idx.shape[1])
-        x = self.norm_f(x)
-        if targets is not None:
-            logits = self.lm_head(x)
-            return LMOutput(logits, lm_loss(logits, targets))
-        return LMOutput(self.lm_head(x[:, -1:] if last_only else x))
+    def begin(self, idx: torch.Tensor, cache: DecodingState | None) -> tuple[torch.Tensor, Context]:
+        """The token embedding; the mixers take the state straight from the cache (any chunk length:
+        a chunked prefill runs the parallel scan from the cached state, one token the recurrent step)."""
+        return (idx if idx.is_floating_point() else self.embed(idx)), Context(cache)
 
     def init_cache(
-        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None
+        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None, rollback: bool = False
     ) -> MambaCache:
-        """The recurrent state for ``batch`` rows; ``max_len`` is accepted and unused (no history is kept)."""
+        """The recurrent state for ``batch`` rows; ``max_len`` is accepted and unused (no history is
+        kept, so nothing can be rolled back)."""
         cfg = self.config
         return MambaCache(
             cfg.n_layer, batch, cfg.d_inner, cfg.d_conv, cfg.d_state,
             dtype=dtype or self.dtype, device=device or self.device, pad=pad,
         )
 
-    def max_positions(self) -> int | None:
-        """None: a recurrence has no position table to run out of."""
-        return None
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None, recurrent: bool = False) -> float:
         """Training FLOPs per token: 6 per parameter (matmuls, 2 forward + 4 backward) plus the scan.
 
         The scan's elementwise work per token and layer is about 8 * d_inner * d_state forward

@@ -30,65 +30,56 @@ Greedy output is identical to ordinary greedy decoding.
 from __future__ import annotations
 
 import copy
-import inspect
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from lmzoo.cache import KVCache, RollingKVCache
-from lmzoo.decoding.common import DecodeStats, check_length, leading_true, prepare_prompts, rollback_cache
+from lmzoo.cache import DecodingState, KVCache
+from lmzoo.decoding.common import (
+    DecodeStats,
+    leading_true,
+    prepare_decoding,
+    rollback_cache,
+)
 from lmzoo.errors import ConfigError
-from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
-
-_FINAL_NORMS = ("ln_f", "norm_f", "norm")  # the families' names for the norm before the unembedding
-
-
-class _TrunkDone(Exception):
-    """Raised by a hook to stop the base model's forward at its last block."""
+from lmzoo.layers.moe import MoE
+from lmzoo.models.base import Context, LanguageModel, LMOutput, lm_loss
 
 
-def _one_layer_like(cache: KVCache | RollingKVCache, layer: int) -> KVCache | RollingKVCache:
-    """An empty one-layer cache laid out like ``cache``'s layer ``layer`` (same rows, padding, window)."""
-    if isinstance(cache, KVCache):
-        _, B, nkv, max_len, hd = cache.k.shape
-        c = KVCache(1, B, nkv, hd, max_len, dtype=cache.k.dtype, device=cache.k.device, pad=cache.pad)
-    elif isinstance(cache, RollingKVCache):
-        B, nkv, _, hd = cache.k[layer].shape
-        c = RollingKVCache([cache.windows[layer]], B, nkv, hd, cache.max_len, dtype=cache.k[layer].dtype,
-                           device=cache.device, pad=cache.pad)
-    else:
-        raise ConfigError(f"multi-token prediction cannot extend a {type(cache).__name__}")
-    c.pos = cache.pos
-    return c
-
-
-def _check_kv_model(base: LanguageModel) -> None:
+def _check_base(base: LanguageModel) -> None:
     """Refuse, before any training, a model whose checkpoint could not decode with extra heads: the
     heads run copies of the last block, each with a one-layer KV cache that rolls back, so the model
     needs a full KV cache (Mamba's state, Transformer-XL's memory, linear or Infini-attention's
-    recurrent state cannot roll back) and a last block with its own keys and values."""
-    share = getattr(base.config, "kv_share_every", 1)
-    if share != 1:
-        raise ConfigError(
-            f"multi-token prediction does not support kv_share_every={share}: the extra heads run copies of "
-            "the last block alone, and a block of a KV-sharing model may read another layer's keys and values"
-        )
-    try:
-        rollback_cache(base, 1, 1)  # a one-token cache: tiny (and shapes only on the meta device)
-    except ConfigError as e:
-        raise ConfigError(
-            f"multi-token prediction needs a Transformer with a full KV cache (softmax attention: the gpt2 "
-            f"and llama families): {e}"
-        ) from None
+    recurrent state cannot roll back), a last block with its own keys and values, and dense
+    feed-forward parts (the heads' losses carry no router losses). One line naming the family."""
+    why = None
+    if any(isinstance(block.ffn, MoE) for block in base.blocks):
+        why = "its ffn is a mixture of experts (the extra heads would need their own router losses)"
+    elif getattr(base.config, "kv_share_every", 1) != 1:
+        why = (f"its layers share keys/values (kv_share_every={base.config.kv_share_every}): a copy of the last "
+               "block alone would lack its group's keys and values")
+    else:
+        try:
+            rollback_cache(base, 1, 1)  # a one-token cache: tiny
+        except ConfigError as e:
+            why = f"its mixer keeps no full KV cache that could roll back ({e})"
+    if why is None and (len(base.blocks) < 2 or base.norm is None or base.head is None):
+        why = f"it needs >= 2 blocks, a final norm and a head (the model has {len(base.blocks)} block(s))"
+    if why is not None:
+        raise ConfigError(f"multi-token prediction cannot wrap the {base.family} model: {why}")
 
 
-class MTPCache:
+class MTPCache(DecodingState):
     """Decoding state of a :class:`MultiTokenLM`: the base model's cache (trunk and head 1) and a
-    one-layer cache per extra head. Setting ``pos`` rolls them all back together."""
+    one-layer cache per extra head, all at one position: they advance and roll back together."""
 
-    def __init__(self, trunk: KVCache | RollingKVCache, heads: list[KVCache | RollingKVCache]):
+    can_rollback = True
+
+    def __init__(self, trunk: KVCache, heads: list[KVCache]):
         self.trunk, self.heads = trunk, heads
+        super().__init__(trunk.batch, trunk.device, trunk.pad)
 
     @property
     def pos(self) -> int:
@@ -99,9 +90,12 @@ class MTPCache:
         for c in (self.trunk, *self.heads):
             c.pos = value
 
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in (self.trunk, *self.heads))
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for c in (self.trunk, *self.heads) for t in c.tensors()]
+
+    def advance(self, T: int) -> None:
+        for c in (self.trunk, *self.heads):
+            c.advance(T)
 
 
 class MTPHead(nn.Module):
@@ -126,57 +120,37 @@ class MultiTokenLM(LanguageModel):
         super().__init__()
         if n_future < 1:
             raise ConfigError(f"n_future must be >= 1, got {n_future}")
-        blocks = getattr(base, "blocks", None)
-        norm_name = next((n for n in _FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
-        if not isinstance(blocks, nn.ModuleList) or len(blocks) < 2 or norm_name is None:
-            raise ConfigError(
-                f"{type(base).__name__}: multi-token prediction needs >= 2 `blocks`, a final norm "
-                f"({' or '.join(_FINAL_NORMS)}) and an `lm_head`"
-            )
-        if any(getattr(b, "moe", False) for b in blocks):
-            raise ConfigError("multi-token prediction over a mixture-of-experts model is not supported")
-        _check_kv_model(base)
+        _check_base(base)
         self.base, self.n_future, self.memory_efficient = base, n_future, memory_efficient
         self.family, self.config = base.family, base.config
-        self._norm_name = norm_name
         self.heads = nn.ModuleList(
-            MTPHead(copy.deepcopy(blocks[-1]), copy.deepcopy(getattr(base, norm_name))) for _ in range(n_future - 1)
+            MTPHead(copy.deepcopy(base.blocks[-1]), copy.deepcopy(base.norm)) for _ in range(n_future - 1)
         )
+
+    def upgrade_name(self, name: str) -> str:
+        return self.base.upgrade_name(name)
+
+    def block_modules(self) -> list[tuple[str, nn.Module]]:
+        """The base model's blocks, then each extra head's block."""
+        return ([(f"base.{n}", b) for n, b in self.base.block_modules()]
+                + [(f"heads.{i}.block", h.block) for i, h in enumerate(self.heads)])
 
     # -- pieces --------------------------------------------------------------------------------
     def head_modules(self, i: int) -> tuple[nn.Module, nn.Module]:
         """(block, norm) of head i (0-based: 0 is the next-token head, the base model's own)."""
         if i == 0:
-            return self.base.blocks[-1], getattr(self.base, self._norm_name)
+            return self.base.blocks[-1], self.base.norm
         return self.heads[i - 1].block, self.heads[i - 1].norm
 
-    def trunk(self, idx: torch.Tensor, cache: KVCache | RollingKVCache | None = None) -> tuple[torch.Tensor, dict]:
-        """Run the base model up to its last block: (h (B, T, C), the rest of the block's arguments by name:
-        rope, mask, ... as the model computed them for this chunk) for the heads."""
-        captured = {}
+    def trunk(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, Context]:
+        """The base model up to its last block: (h (B, T, C), the chunk's context for the heads)."""
+        x, ctx = self.base.begin(idx, cache)
+        *shared, _ = self.base.blocks.indexed()
+        for layer, block in shared:
+            x, _ = block(x, ctx, layer)
+        return x, ctx
 
-        def stop(module, args, kwargs):
-            captured["args"], captured["kwargs"] = args, kwargs
-            raise _TrunkDone
-
-        handle = self.base.blocks[-1].register_forward_pre_hook(stop, with_kwargs=True)
-        try:
-            self.base(idx, cache=cache)
-        except _TrunkDone:
-            pass
-        finally:
-            handle.remove()
-        # the block's call by parameter name (x, rope, mask, is_causal, cache, layer, ... in the families)
-        block = self.base.blocks[-1]
-        call = inspect.signature(block.forward).bind(*captured["args"], **captured["kwargs"]).arguments
-        names = list(inspect.signature(block.forward).parameters)
-        if not {"cache", "layer"} <= set(names):
-            raise ConfigError(f"{type(self.base).__name__}: its blocks take no (cache, layer) arguments; "
-                              "multi-token prediction cannot run copies of them")
-        h = call.pop(names[0])
-        return h, dict(call)
-
-    def run_head(self, i: int, h: torch.Tensor, ctx: dict, cache: MTPCache | None = None) -> torch.Tensor:
+    def run_head(self, i: int, h: torch.Tensor, ctx: Context, cache: MTPCache | None = None) -> torch.Tensor:
         """Head i on the trunk output h (B, T, C) -> logits (B, T, V) (writes the head's cache, if any)."""
         block, norm = self.head_modules(i)
         last = len(self.base.blocks) - 1
@@ -186,21 +160,20 @@ class MultiTokenLM(LanguageModel):
             c, layer = cache.trunk, last
         else:
             c, layer = cache.heads[i - 1], 0  # an extra head's block is layer 0 of its own cache
-        y = block(h, **{**ctx, "cache": c, "layer": layer})
-        return self.base.lm_head(norm(y[0] if isinstance(y, tuple) else y))
+        y, _ = block(h, dataclasses.replace(ctx, cache=c), layer)
+        return self.base.logits(norm(y))
 
     def head_logits(self, idx: torch.Tensor, cache: MTPCache | None = None) -> list[torch.Tensor]:
         """Every head's logits: a list of n tensors (B, T, V); head i predicts the token i places ahead."""
         h, ctx = self.trunk(idx, cache.trunk if cache is not None else None)
         out = [self.run_head(i, h, ctx, cache) for i in range(self.n_future)]
         if cache is not None:
-            for c in (cache.trunk, *cache.heads):  # the base model stopped before its own advance
-                c.advance(idx.shape[1])
+            cache.advance(idx.shape[1])
         return out
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The parameters the heads use (last block, norms, extra heads, shared unembedding), once each."""
-        mods = [m for i in range(self.n_future) for m in self.head_modules(i)] + [self.base.lm_head]
+        mods = [m for i in range(self.n_future) for m in self.head_modules(i)] + [self.base.head]
         seen, out = set(), []
         for m in mods:
             for p in m.parameters():
@@ -210,13 +183,8 @@ class MultiTokenLM(LanguageModel):
         return out
 
     # -- the LanguageModel contract ----------------------------------------------------------------
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: MTPCache | None = None,
-        last_only: bool = False,
-    ) -> LMOutput:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: MTPCache | None = None,
+                last_only: bool = False) -> LMOutput:
         if targets is None:
             if cache is not None:  # every head runs: each head's cache must hold every position
                 logits = self.head_logits(idx, cache)[0]
@@ -234,26 +202,27 @@ class MultiTokenLM(LanguageModel):
             losses = torch.stack([lm_loss(lg, t) for lg, t in zip(all_logits, shifted)])
             total, logits = losses.sum(), all_logits[0]
             if cache is not None:
-                for c in (cache.trunk, *cache.heads):
-                    c.advance(idx.shape[1])
+                cache.advance(idx.shape[1])
         aux = {f"mtp_loss_{i + 1}": losses[i].detach() for i in range(self.n_future)}
         aux["lm_loss"] = losses[0].detach()
         return LMOutput(logits, total, aux)
 
-    def init_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None) -> MTPCache:
+    def init_cache(
+        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None, rollback: bool = True
+    ) -> MTPCache:
         """Full-length caches (they must roll back for self-speculative decoding)."""
         trunk = rollback_cache(self.base, batch, max_len or self.config.block_size, pad)
         layer = len(self.base.blocks) - 1
-        return MTPCache(trunk, [_one_layer_like(trunk, layer) for _ in range(self.n_future - 1)])
+        return MTPCache(trunk, [trunk.one_layer(layer) for _ in range(self.n_future - 1)])
 
     def max_positions(self) -> int | None:
         return self.base.max_positions()
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None, recurrent: bool = False) -> float:
         """The base model's, plus each extra head's block and unembedding (6 N) and attention."""
         base = self.base.flops_per_token(seq_len)
         attn_per_layer = (base - 6 * self.base.active_params()) / len(self.base.blocks)
-        extra = sum(p.numel() for p in self.heads.parameters()) + self.base.lm_head.weight.numel() * (self.n_future - 1)
+        extra = sum(p.numel() for p in self.heads.parameters()) + self.base.head.weight.numel() * (self.n_future - 1)
         return base + 6 * extra + (self.n_future - 1) * attn_per_layer
 
 
@@ -306,14 +275,10 @@ def self_speculative_generate(
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    ids, pad = prepare_prompts(prompts, model.device)
+    ids, pad, max_len = prepare_decoding(prompts, max_new_tokens, model)
     B, P = ids.shape
-    max_len = P + max_new_tokens  # drafts never run past the last new token
-    check_length(model, max_len)
-    was_training = model.training
-    model.eval()
     stats = DecodeStats()
-    try:
+    with model.evaluating():
         cache = model.init_cache(B, max_len, pad=pad)
         heads = model.head_logits(ids, cache)  # the prompt, all of it cached
         nxt = heads[0][:, -1].argmax(-1)  # (B,) head 1: certain (it is greedy decoding's choice)
@@ -327,12 +292,10 @@ def self_speculative_generate(
             greedy = heads[0].argmax(-1)  # (B, n): greedy choice after each block prefix
             a = int(leading_true(block[:, 1:] == greedy[:, :-1]).min())  # drafts that greedy agrees with
             seq = torch.cat([seq, block[:, : a + 1]], 1)
-            cache.pos = start + a + 1  # roll back the rejected drafts
+            cache.rollback(start + a + 1)  # forget the rejected drafts
             nxt = greedy[:, a]
             drafts = [lg[:, a].argmax(-1) for lg in heads[1:]]
             stats.steps += 1
             stats.accepted.append(a)
         stats.tokens = min(seq.shape[1] - P, max_new_tokens)
-    finally:
-        model.train(was_training)
     return seq[:, P : P + max_new_tokens].tolist(), stats

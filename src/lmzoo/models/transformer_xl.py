@@ -33,18 +33,18 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lmzoo.config import Config
+from lmzoo.cache import DecodingState
 from lmzoo.errors import ConfigError
 from lmzoo.layers.attention import attend
+from lmzoo.layers.mlp import MLP
 from lmzoo.layers.norm import LayerNorm
-from lmzoo.models.base import LanguageModel, LMOutput, lm_loss
+from lmzoo.models.base import Block, Blocks, Context, LanguageModel, ModelConfig, renamed
 
 
 @dataclasses.dataclass
-class TransformerXLConfig(Config):
+class TransformerXLConfig(ModelConfig):
     vocab_size: int = 267735  # WikiText-103's word vocabulary
     block_size: int = 150  # segment length trained on (the paper's tgt_len)
     mem_len: int = 150  # hidden states kept per layer for the next segment (0: a vanilla Transformer)
@@ -62,9 +62,7 @@ class TransformerXLConfig(Config):
     init_std: float = 0.02
 
     def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        self.require_positive("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         if self.mem_len < 0:
             raise ConfigError(f"mem_len must be >= 0, got {self.mem_len}")
         if self.d_head is None and self.n_embd % self.n_head:
@@ -74,8 +72,7 @@ class TransformerXLConfig(Config):
         for name in ("d_head", "d_inner", "clamp_len"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.check_dropout()
         if self.attn_backend not in ("sdpa", "reference"):
             raise ConfigError(f"attn_backend must be sdpa or reference, got {self.attn_backend!r}")
 
@@ -98,73 +95,64 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class XLMemory:
+class XLMemory(DecodingState):
     """The decoding state (and training memory) of Transformer-XL: per layer, the input hidden states
     of the last ``mem_len`` tokens, (B, M, n_embd) with M <= mem_len, stored without gradient.
 
-    The protocol of :class:`lmzoo.cache.KVCache`: per forward chunk of T tokens ``mask(T)`` once,
-    ``memory(layer)`` in every layer, then ``update(hiddens)`` and ``advance(T)``. Memory is
-    bounded by ``mem_len``: once full, the oldest states are dropped (so cached decoding equals
-    the full forward while the sequence fits in ``mem_len``, and XL's bounded context after).
-    Left-padded rows: padding states are kept but masked out, like a KV cache's padding keys.
+    Per forward chunk of T tokens: ``mask(T)`` once, then in every layer ``memory(layer)`` (what
+    it attends over besides the chunk) and ``stage(layer, x)`` (the layer's input, for the next
+    chunk); ``advance(T)`` takes the staged states in. Memory is bounded by ``mem_len``: once full,
+    the oldest states are dropped (so cached decoding equals the full forward while the sequence
+    fits in ``mem_len``, and XL's bounded context after). Left-padded rows: padding states are kept
+    but masked out, like a KV cache's padding keys.
     """
 
-    def __init__(
-        self,
-        n_layer: int,
-        batch: int,
-        n_embd: int,
-        mem_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        pad: torch.Tensor | None = None,
-    ):
+    buffers = ("mems",)  # a list: one tensor per layer
+
+    def __init__(self, n_layer: int, batch: int, n_embd: int, mem_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", pad: torch.Tensor | None = None):
+        super().__init__(batch, device, pad)
         self.mem_len = mem_len
         self.mems = [torch.zeros(batch, 0, n_embd, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.device = torch.device(device)
-        self.pos = 0  # tokens seen so far
-        if pad is not None:
-            pad = torch.as_tensor(pad, dtype=torch.long, device=device)
-            if pad.shape != (batch,):
-                raise ValueError(f"pad must have shape ({batch},), got {tuple(pad.shape)}")
-            if not bool(pad.any()):
-                pad = None
-        self.pad = pad
+        self.staged: dict[int, torch.Tensor] = {}
 
     @property
     def length(self) -> int:
         return self.mems[0].shape[1]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(m.numel() * m.element_size() for m in self.mems)
-
     def reset(self) -> None:
+        super().reset()
         self.mems = [m[:, :0] for m in self.mems]
-        self.pos = 0
+        self.staged = {}
 
     def mask(self, T: int) -> torch.Tensor:
         """Bool (B or 1, 1, T, M + T), True = may attend: causal over [memory; new], padding hidden."""
         M = self.length
         q = torch.arange(self.pos, self.pos + T, device=self.device)[:, None]  # absolute slots
         k = torch.arange(self.pos - M, self.pos + T, device=self.device)[None, :]
-        m = k <= q
-        if self.pad is None:
-            return m[None, None]
-        # a real query never sees padding; a padding query sees itself so softmax stays finite
-        real_key = k[None] >= self.pad[:, None, None]
-        return (m[None] & (real_key | (k == q)[None]))[:, None]
+        return self.with_padding(k <= q, q, k)
 
     def memory(self, layer: int) -> torch.Tensor:
         return self.mems[layer]
 
-    def update(self, hiddens: list[torch.Tensor]) -> None:
-        """Append the T new input states of every layer, keep the last ``mem_len``, cut the gradient."""
-        self.mems = [torch.cat([m, h.detach()], dim=1)[:, -self.mem_len :] if self.mem_len else m
-                     for m, h in zip(self.mems, hiddens)]
+    def stage(self, layer: int, x: torch.Tensor) -> None:
+        """The layer's T new input states, kept (without gradient) once the chunk is done."""
+        self.staged[layer] = x.detach()
 
     def advance(self, T: int) -> None:
-        self.pos += T
+        """Append every layer's staged states, keep the last ``mem_len``."""
+        if self.mem_len:
+            self.mems = [torch.cat([m, self.staged[i]], dim=1)[:, -self.mem_len :] if i in self.staged else m
+                         for i, m in enumerate(self.mems)]
+        self.staged = {}
+        super().advance(T)
+
+
+@dataclasses.dataclass
+class XLContext(Context):
+    """The chunk's context plus the relative position encodings every layer projects."""
+
+    r: torch.Tensor | None = None  # (S, n_embd) encodings of the distances S-1 .. 0 (S = memory + chunk)
 
 
 def sinusoid_encoding(distances: torch.Tensor, dim: int) -> torch.Tensor:
@@ -216,66 +204,65 @@ class RelativeAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
-class Block(nn.Module):
+class XLBlock(Block):
     """Relative attention over [memory; segment], then a ReLU feed-forward; post-norm as in the paper
     (``pre_norm=True``: normalize each branch's input instead, the memory included)."""
 
     def __init__(self, cfg: TransformerXLConfig):
         super().__init__()
         self.pre_norm = cfg.pre_norm
-        self.ln_1 = LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.attn = RelativeAttention(cfg)
-        self.ln_2 = LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.fc = nn.Linear(cfg.n_embd, cfg.hidden)
-        self.proj = nn.Linear(cfg.hidden, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.mixer_norm = LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mixer = RelativeAttention(cfg)
+        self.ffn_norm = LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.ffn = MLP(cfg.n_embd, cfg.hidden, bias=True, activation="relu", dropout=cfg.dropout, hidden_dropout=True)
 
-    def ff(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(self.drop(F.relu(self.fc(x)))))
-
-    def forward(self, x: torch.Tensor, mem: torch.Tensor | None, r: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C) this layer's input, mem (B, M, C) its memory -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, ctx: XLContext, layer: int):
+        """x (B, T, C) this layer's input -> (B, T, C); the memory comes from (and x goes to) the cache."""
+        mem = None
+        if ctx.cache is not None:
+            mem = ctx.cache.memory(layer)
+            ctx.cache.stage(layer, x)
+        mask, _ = ctx.mask()
         if self.pre_norm:
-            x = x + self.attn(self.ln_1(x), self.ln_1(mem) if mem is not None else None, r, mask)
-            return x + self.ff(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, mem, r, mask))
-        return self.ln_2(x + self.ff(x))
+            x = x + self.mixer(self.mixer_norm(x), self.mixer_norm(mem) if mem is not None else None, ctx.r, mask)
+            return x + self.ffn(self.ffn_norm(x)), None
+        x = self.mixer_norm(x + self.mixer(x, mem, ctx.r, mask))
+        return self.ffn_norm(x + self.ffn(x)), None
 
 
 class TransformerXL(LanguageModel):
     family = "transformer-xl"
     config_class = TransformerXLConfig
+    # its feed-forward sat on the block as fc/proj (renamed before attn: attn.proj is the attention's)
+    legacy_names = ((r"(?<![\w])(blocks\.\d+)\.(fc|proj)(?![\w])", r"\1.ffn.\2"),) + renamed(
+        ("wte", "embed"), ("ln_1", "mixer_norm"), ("attn", "mixer"), ("ln_2", "ffn_norm"), ("ln_f", "norm"),
+        ("lm_head", "head"))
 
     def __init__(self, config: TransformerXLConfig):
         super().__init__()
         self.config = cfg = config
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = LayerNorm(cfg.n_embd, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.blocks = Blocks(XLBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = LayerNorm(cfg.n_embd, eps=cfg.norm_eps) if cfg.pre_norm else None  # post-norm: the blocks'
+        self.make_head(cfg.vocab_size, cfg.tie_embeddings)
         self.init_weights()
 
     def init_weights(self) -> None:
         """| weight                                  | init                              |
         |-----------------------------------------|-----------------------------------|
-        | embedding, q, kv, r_net, fc, u, v       | normal(0, init_std=0.02)          |
-        | residual projections (attn.proj, proj)  | normal(0, 0.02 / sqrt(2*n_layer)) |
+        | embedding, q, kv, r_net, ffn.fc, u, v   | normal(0, init_std=0.02)          |
+        | residual projections (mixer, ffn proj)  | normal(0, 0.02 / sqrt(2*n_layer)) |
         | biases                                  | 0;  LayerNorm weights 1           |
         """
         std = self.config.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.u", "attn.v")):
-                nn.init.normal_(p, mean=0.0, std=std)
-            elif name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        self.init_normal(std)
+        with torch.no_grad():  # one pass in parameter order (u, v and the projections draw in turn)
+            for name, p in self.named_parameters():
+                if name.endswith(("mixer.u", "mixer.v")):
+                    nn.init.normal_(p, mean=0.0, std=std)
+                elif name.endswith("proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
     def relative_encoding(self, S: int, device: torch.device) -> torch.Tensor:
         """(S, n_embd) encodings of the distances S-1, ..., 1, 0 (clamped to ``clamp_len``)."""
@@ -284,58 +271,39 @@ class TransformerXL(LanguageModel):
             dist = dist.clamp(max=self.config.clamp_len)
         return sinusoid_encoding(dist, self.config.n_embd)
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: XLMemory | None = None,
-        last_only: bool = False,
-    ) -> LMOutput:
-        """idx (B, T) -> logits (B, T, vocab); with targets also the loss.
+    def begin(self, idx: torch.Tensor, cache: XLMemory | None) -> tuple[torch.Tensor, XLContext]:
+        """The token embedding (no position embedding: positions are relative), the mask over
+        [memory; chunk] and the relative encodings of its S distances.
 
         With ``cache`` (an :class:`XLMemory`, from :meth:`init_cache`), the T tokens continue the
         cached ones: every layer attends over its memory, which then takes in the new states.
         That is how XL trains over consecutive segments, and how it decodes.
         """
-        B, T = idx.shape
+        T = idx.shape[1]
         if cache is not None:
             mask = cache.mask(T)
         else:
             mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None, None]
-        S = mask.shape[-1]
-        r = self.drop(self.relative_encoding(S, idx.device))
-        x = self.drop(self.wte(idx))  # (B, T, C): no position embedding
-        hiddens = []  # each layer's input: what the memory keeps
-        for i, block in enumerate(self.blocks):
-            hiddens.append(x)
-            x = block(x, cache.memory(i) if cache is not None else None, r, mask)
-        if cache is not None:
-            cache.update(hiddens)
-            cache.advance(T)
-        x = self.ln_f(x)
-        if targets is not None:
-            logits = self.lm_head(x)
-            return LMOutput(logits, lm_loss(logits, targets))
-        return LMOutput(self.lm_head(x[:, -1:] if last_only else x))
+        r = self.drop(self.relative_encoding(mask.shape[-1], idx.device))
+        x = idx if idx.is_floating_point() else self.drop(self.embed(idx))  # (B, T, C)
+        return x, XLContext(cache, None, {None: (mask, False)}, r=r)
 
-    def init_cache(self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None) -> XLMemory:
+    def init_cache(
+        self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None, rollback: bool = False
+    ) -> XLMemory:
         """A memory of ``max_len`` states per layer (default ``mem_len``; larger than the training
-        ``mem_len`` is fine: evaluation with a longer memory is one of XL's results)."""
+        ``mem_len`` is fine: evaluation with a longer memory is one of XL's results). It cannot roll back."""
         cfg = self.config
         return XLMemory(
             cfg.n_layer, batch, cfg.n_embd, cfg.mem_len if max_len is None else max_len,
             dtype=dtype or self.dtype, device=device or self.device, pad=pad,
         )
 
-    def max_positions(self) -> int | None:
-        """None: relative sinusoid encodings have no table to run out of."""
-        return None
-
-    def flops_per_token(self, seq_len: int | None = None, memory: bool = False) -> float:
+    def flops_per_token(self, seq_len: int | None = None, recurrent: bool = False) -> float:
         """6 * N for the weights plus, per layer, three (T x S) products (content scores, position scores,
         weighted sum): 18 * L * d * S keys (PaLM appendix B's counting). The memory is attended only in a
-        forward with a cache (training with ``recurrence=True``): then ``memory=True`` and S = seq_len +
+        forward with a cache (training with ``recurrence=True``): then ``recurrent=True`` and S = seq_len +
         mem_len (the full memory, after the first segment); without one S = seq_len."""
         cfg = self.config
-        S = (seq_len or cfg.block_size) + (cfg.mem_len if memory else 0)
+        S = (seq_len or cfg.block_size) + (cfg.mem_len if recurrent else 0)
         return 6 * self.num_params(non_embedding=True) + 18 * cfg.n_layer * cfg.n_head * cfg.head_dim * S

@@ -13,7 +13,8 @@ update's scale independent of the rank, so changing r needs no new learning rate
 How it is applied: :func:`apply_lora` rewrites the model *from outside*: every ``nn.Linear`` (or
 :class:`lmzoo.quant.nf4.NF4Linear`) whose module name matches a regular expression is replaced by a
 :class:`LoRALinear` that holds the original as ``.base``. No model class is subclassed, so any family
-(GPT-2, Llama, Mamba...) takes adapters by name: ``"attn.qkv|attn.proj|mlp.*"``.
+(GPT-2, Llama, Mamba...) takes adapters by name: ``"mixer"`` (every block's sequence mixer, the
+default), ``"mixer.qkv|ffn"``: the part names are the same in every family.
 
 ``merge`` folds ``(alpha/r) B A`` into ``W`` (zero extra cost at inference); ``unmerge`` subtracts it
 again. Adapters are saved on their own (:func:`save_adapter`: a few KB of safetensors + JSON), and
@@ -48,9 +49,12 @@ PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 @dataclasses.dataclass
 class LoRAConfig:
-    """What :func:`apply_lora` injects: ``target`` is a regex searched in module names."""
+    """What :func:`apply_lora` injects: ``target`` is a regex searched in module names. The default,
+    ``mixer``, adapts every linear layer of every block's sequence mixer, whatever the family (the
+    attention's ``qkv`` and ``proj``; a Mamba layer's projections): the part names are the same in
+    every family (:mod:`lmzoo.models.base`). ``ffn`` adds the feed-forward layers; ``mixer|ffn`` both."""
 
-    target: str = "attn.qkv|attn.proj"
+    target: str = "mixer"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -428,6 +432,49 @@ PEFT_REFUSED: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+# transformers 5 holds Mixtral's experts fused, as parameters (``mlp.experts.gate_up_proj`` (E, 2I, C) and
+# ``mlp.experts.down_proj`` (E, C, I)), with no per-expert Linear. peft converts an adapter written in the
+# per-expert layout (target modules named ``w1``/``w3``/``w2``) into adapters on those parameters
+# (peft.utils.transformers_weight_conversion): w1 and w3 concatenated (rank and alpha doubled, B block-
+# diagonal), every expert of a layer stacked. It applies what lmzoo computes only when a layer adapts every
+# one of its experts, and either ``down`` alone or all three; gate and up without down load without error but
+# without effect (peft nests the gate_up wrapper inside the down one and finds no key for it).
+_MIXTRAL_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)$")
+_MIXTRAL_ROUTER = re.compile(r"^model\.layers\.\d+\.block_sparse_moe\.gate$")
+_EXPERT_SETS = ({"w2"}, {"w1", "w2", "w3"})  # per layer: the projections peft applies exactly
+
+
+def _peft_expert_targets(targets: list[str], n_experts: int, lmzoo_name: dict[str, str]) -> list[str]:
+    """``target_modules`` for peft: Mixtral's per-expert modules by their short names (``w1``, ``w2``,
+    ``w3``: what peft converts onto the fused experts), everything else by full name. ConfigError for an
+    adapter peft would reject or load without applying (see above), naming the lmzoo module."""
+    layers: dict[str, dict[str, set[int]]] = {}
+    plain = []
+    for t in targets:
+        if _MIXTRAL_ROUTER.match(t):
+            raise ConfigError(f"cannot export the adapter on {lmzoo_name[t]!r} in peft format: transformers' Mixtral "
+                              "router is not a Linear layer (peft cannot load it); merge it instead (export_merged_hf)")
+        m = _MIXTRAL_EXPERT.match(t)
+        if m:
+            layers.setdefault(m.group(1), {}).setdefault(m.group(3), set()).add(int(m.group(2)))
+        else:
+            plain.append(t)
+    hf_kind = {"w1": "gate", "w3": "up", "w2": "down"}  # HF's per-expert names -> what they compute
+    for layer, kinds in layers.items():
+        name = lmzoo_name[next(t for t in targets if f".layers.{layer}.block_sparse_moe.experts." in t)]
+        partial = sorted(hf_kind[k] for k, experts in kinds.items() if len(experts) != n_experts)
+        if partial:
+            raise ConfigError(f"cannot export the adapters on {name!r} and its layer's experts in peft format: "
+                              f"{'/'.join(partial)} adapted on some of the {n_experts} experts, and transformers "
+                              "holds the experts fused (peft adapts all of a layer's experts or none)")
+        if set(kinds) not in _EXPERT_SETS:
+            got = "+".join(sorted(hf_kind[k] for k in kinds))
+            raise ConfigError(f"cannot export the adapters on {name!r} and its layer's experts in peft format: "
+                              f"peft applies expert adapters on down alone or on gate+up+down, not on {got} "
+                              "(transformers fuses gate and up; peft would reject it or drop it silently)")
+    return plain + sorted({k for kinds in layers.values() for k in kinds})
+
+
 def export_peft(model: nn.Module, path: str | Path) -> Path:
     """Write the unmerged adapters in Hugging Face ``peft``'s LoRA format, loadable with
     ``PeftModel.from_pretrained(hf_model, path)`` onto the model :func:`lmzoo.to_hf` writes.
@@ -440,9 +487,14 @@ def export_peft(model: nn.Module, path: str | Path) -> Path:
     GPT-2's ``Conv1D`` stores (in, out): ``fan_in_fan_out`` is set, which peft needs for merging; A and
     B themselves keep their (r, in) / (out, r) shapes in peft's Conv1D LoRA too.
 
+    Mixtral's experts are written in the per-expert layout (``block_sparse_moe.experts.{e}.w1/w2/w3``),
+    targeted by their short names, which peft converts onto transformers' fused expert parameters.
+
     Refused with a one-line ConfigError: a base :func:`lmzoo.to_hf` cannot write (multi-token heads,
     BitNet layers, a config HF lacks), and adapters peft would apply wrongly or not at all on the HF
-    model (:data:`PEFT_REFUSED`: Mamba/Jamba ``dt_proj``, Mamba ``out_proj``, Jamba's router and experts).
+    model (:data:`PEFT_REFUSED`: Mamba/Jamba ``dt_proj``, Mamba ``out_proj``, Jamba's router and experts;
+    Mixtral's router, and expert adapters other than ``down`` or ``gate+up+down`` on all of a layer's
+    experts: :func:`_peft_expert_targets`).
     """
     from lmzoo.formats.hf import _converter_for_family, check_exportable
 
@@ -457,14 +509,16 @@ def export_peft(model: nn.Module, path: str | Path) -> Path:
             raise ConfigError(f"cannot export the adapter on {name!r} in peft format: {why}")
     conv = _converter_for_family(model.family)
     tensors: dict[str, torch.Tensor] = {}
-    targets, fan_in_fan_out = [], False
+    targets, lmzoo_name, fan_in_fan_out = [], {}, False
     for name, m in lora_modules(model):
         for hf_module, rows, transposed in _hf_pieces(conv, model.config, name, m.out_features, m.in_features):
             prefix = f"base_model.model.{hf_module}"
             tensors[f"{prefix}.lora_A.weight"] = m.lora_A.detach().float().cpu().clone().contiguous()
             tensors[f"{prefix}.lora_B.weight"] = m.lora_B.detach().float().cpu()[rows].contiguous()
             targets.append(hf_module)
+            lmzoo_name[hf_module] = name
             fan_in_fan_out |= transposed
+    targets = _peft_expert_targets(targets, getattr(model.config, "n_experts", 0), lmzoo_name)
     lcfg = model.lora
     config = {
         "peft_type": "LORA",
@@ -472,7 +526,8 @@ def export_peft(model: nn.Module, path: str | Path) -> Path:
         "r": lcfg["r"],
         "lora_alpha": lcfg["alpha"],
         "lora_dropout": lcfg["dropout"],
-        "target_modules": targets,  # full module names: peft matches them exactly (no other layer adapted)
+        # full module names, matched exactly (no other layer adapted); Mixtral's experts by short name
+        "target_modules": targets,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "inference_mode": True,

@@ -1,6 +1,6 @@
 """QLoRA (Dettmers et al. 2023): a frozen NF4-quantized base model with LoRA adapters on top.
 
-    report = apply_qlora(model, target="attn.qkv|attn.proj|mlp.*", r=8)   # quantize, then inject LoRA
+    report = apply_qlora(model, target="mixer|ffn", r=8)   # quantize, then inject LoRA
 
 :func:`quantize_model` replaces linear layers by :class:`~lmzoo.quant.nf4.NF4Linear` (4-bit weights,
 dequantized on the fly), from outside the model; :func:`apply_qlora` then wraps the chosen ones in
@@ -21,20 +21,27 @@ from torch import nn
 
 from lmzoo.errors import ConfigError
 from lmzoo.peft.lora import LoRAConfig, LoRALinear, _set_module, apply_lora
-from lmzoo.quant import check_linear_names
+from lmzoo.quant import check_linear_names, quantizable_linears
 from lmzoo.quant.nf4 import NF4Linear
 
-DEFAULT_QUANT_TARGET = r"^(?!lm_head$).*"  # every linear layer except the output head
+
+def quant_targets(model: nn.Module, target: str | None = None) -> list[str]:
+    """The linear layers NF4 quantizes: ``target`` a regex searched in module names, or None for the
+    blocks' mixer and feed-forward linears but those a layer keeps precise
+    (:func:`lmzoo.quant.quantizable_linears`: every family alike; the head, the embedding, a router stay)."""
+    if target is None:
+        return quantizable_linears(model, "NF4")
+    pattern = re.compile(target)
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and pattern.search(n)]
 
 
 def quantize_model(
-    model: nn.Module, target: str = DEFAULT_QUANT_TARGET, compute_dtype: torch.dtype = torch.bfloat16,
+    model: nn.Module, target: str | None = None, compute_dtype: torch.dtype = torch.bfloat16,
     double_quant: bool = True,
 ) -> list[str]:
-    """Replace every ``nn.Linear`` whose name matches ``target`` (regex, searched) by an NF4Linear, in
-    place; the model is frozen. Returns the names replaced; ConfigError when none matches."""
-    pattern = re.compile(target)
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and pattern.search(n)]
+    """Replace the linear layers :func:`quant_targets` names by NF4Linear layers, in place; the model
+    is frozen. Returns the names replaced; ConfigError when none matches."""
+    names = quant_targets(model, target)
     if not names:
         raise ConfigError(f"quantization target {target!r} matches no nn.Linear module")
     for p in model.parameters():
@@ -67,7 +74,7 @@ def apply_spec(model: nn.Module, spec: Any) -> nn.Module:
 
 
 def apply_qlora(
-    model: nn.Module, cfg: LoRAConfig | None = None, quant_target: str = DEFAULT_QUANT_TARGET,
+    model: nn.Module, cfg: LoRAConfig | None = None, quant_target: str | None = None,
     compute_dtype: torch.dtype = torch.bfloat16, **kwargs: Any,
 ) -> dict[str, Any]:
     """Quantize the linear layers to NF4, then inject LoRA (``cfg`` or :class:`LoRAConfig` fields).
@@ -140,11 +147,10 @@ def nf4_bytes(n_weights: int) -> int:
     return blocks * 32 + blocks + 4 * -(-blocks // 256) + 4
 
 
-def estimate(model: nn.Module, target: str = DEFAULT_QUANT_TARGET) -> dict[str, Any]:
+def estimate(model: nn.Module, target: str | None = None) -> dict[str, Any]:
     """:func:`memory_report`'s ``ratio`` for the model as if :func:`quantize_model` ran, from shapes only
     (works on a model built on the meta device, e.g. in ``lmzoo info --nf4``)."""
-    pattern = re.compile(target)
-    q_ids = {id(m.weight) for n, m in model.named_modules() if type(m) is nn.Linear and pattern.search(n)}
+    q_ids = {id(model.get_submodule(n).weight) for n in quant_targets(model, target)}
     q_bytes = q_bf16 = other = 0
     for p in {id(p): p for p in model.parameters()}.values():
         if id(p) in q_ids:

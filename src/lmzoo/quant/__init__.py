@@ -25,7 +25,27 @@ def apply_spec(model: nn.Module, spec: Any) -> nn.Module:
         from lmzoo.quant import bitnet
 
         return bitnet.apply_spec(model, spec)
+    if spec.get("method") == "int8":
+        from lmzoo.quant import int8
+
+        return int8.apply_spec(model, spec)
     raise CheckpointError(f"unknown quantization method {spec.get('method')!r} in the checkpoint")
+
+
+def quantizable_linears(model: nn.Module, what: str = "quantization") -> list[str]:
+    """The layers a quantizer converts by default: every ``nn.Linear`` of the blocks' mixer and
+    feed-forward parts (:meth:`lmzoo.models.base.LanguageModel.part_linears`: the same rule in every
+    family), except those their layer keeps in full precision (a layer's ``keep_precise`` names
+    them with the reason: a mixture of experts' router, a selective SSM's small projections).
+    ConfigError naming the family when nothing is left."""
+    names = []
+    for name in model.part_linears():
+        parent, _, child = name.rpartition(".")
+        if child not in getattr(model.get_submodule(parent), "keep_precise", {}):
+            names.append(name)
+    if not names:
+        raise ConfigError(f"{what}: the {model.family} model has no linear layer in its blocks' mixer or ffn")
+    return names
 
 
 def check_module_list(modules: Any) -> list[str]:

@@ -23,10 +23,7 @@ from torch import nn
 
 from lmzoo.errors import ConfigError
 from lmzoo.layers.bitlinear import VARIANTS, BitLinear, PackedBitLinear, Variant, packed_weight_bytes
-from lmzoo.quant import check_linear_names
-
-DEFAULT_TARGETS = ("*attn.*", "*mlp.*")  # attention and feed-forward projections (MoE experts included)
-DEFAULT_EXCLUDE = ("*router",)
+from lmzoo.quant import check_linear_names, quantizable_linears
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -37,13 +34,18 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def convert(
     model: nn.Module,
     variant: Variant = "b1.58",
-    targets: Sequence[str] = DEFAULT_TARGETS,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    targets: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
     norm: bool = True,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` whose qualified name matches a ``targets`` pattern (fnmatch) and no
-    ``exclude`` pattern by a :class:`BitLinear` sharing its weight; returns ``model`` (changed in place).
+    """Replace ``nn.Linear`` layers by :class:`BitLinear` layers sharing their weights; returns
+    ``model`` (changed in place).
 
+    ``targets`` None: the blocks' mixer and feed-forward linears (attention and MLP projections, MoE
+    experts, a Mamba layer's in/out projections), but those a layer keeps precise
+    (:func:`lmzoo.quant.quantizable_linears`: the router, an SSM's selective projections) — the same
+    rule in every family. Otherwise ``targets`` are fnmatch patterns of qualified names (a saved spec
+    lists exact names), minus ``exclude`` patterns. A weight tied to the embedding is never replaced.
     ``norm``: each BitLinear normalizes its input (RMSNorm) before quantizing it, as in the papers.
     Raises ConfigError for an unknown variant or when nothing matches.
     """
@@ -52,17 +54,17 @@ def convert(
     if getattr(model, "quantization", None):
         raise ConfigError(f"model is already quantized ({model.quantization['method']})")
     tied = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    wanted = set(quantizable_linears(model, "bitnet.convert")) if targets is None else None
     names = []
     for name, m in list(model.named_modules()):
         if type(m) is not nn.Linear or id(m.weight) in tied:  # a head tied to the embedding stays
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in targets) and not any(
-            fnmatch.fnmatchcase(name, p) for p in exclude
-        ):
+        chosen = name in wanted if wanted is not None else any(fnmatch.fnmatchcase(name, p) for p in targets)
+        if chosen and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
             _set_module(model, name, BitLinear.from_linear(m, variant, norm))
             names.append(name)
     if not names:
-        raise ConfigError(f"bitnet.convert: no nn.Linear matches {list(targets)}")
+        raise ConfigError(f"bitnet.convert: no nn.Linear matches {list(targets or ['the blocks mixer and ffn'])}")
     model.quantization = {"method": "bitnet", "variant": variant, "norm": norm, "modules": names, "packed": False}
     return model
 

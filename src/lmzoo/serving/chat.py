@@ -77,7 +77,7 @@ def stream_text(
     info = {} if info is None else info
 
     ids = encode_prompt(tokenizer, prompt)  # with the BOS token a pretrained model may expect
-    limit = model.max_positions() if hasattr(model, "max_positions") else None
+    limit = model.max_positions()
     if limit is not None and len(ids) >= limit:  # keep the newest context (the oldest turns fall out)
         ids = ids[-(limit - 1):]
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []

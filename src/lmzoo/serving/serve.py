@@ -5,8 +5,9 @@ Endpoints (the subset of OpenAI's API a base model can honour; docs/serve.md):
 - ``POST /v1/completions``: ``prompt`` (a string or a list of strings), ``n`` (choices per prompt),
   ``max_tokens`` (default 16), ``temperature`` (default 1; 0 = greedy), ``top_p``, ``top_k`` (an
   extension), ``stop`` (a string or a list), ``seed``, ``stream``.
-- ``POST /v1/chat/completions``: ``messages`` turned into a prompt (lmzoo.serving.chat.format_chat);
-  the same sampling fields; ``max_tokens`` (or ``max_completion_tokens``) defaults to the limit.
+- ``POST /v1/chat/completions``: ``messages`` rendered with the model's own chat template
+  (lmzoo.serving.templates.render_chat; lmzoo's transcript for a model without one); the same
+  sampling fields; ``max_tokens`` (or ``max_completion_tokens``) defaults to the limit.
 - ``GET /v1/models``, ``GET /health``.
 
 Streaming answers are server-sent events: ``data: {chunk}`` lines, then ``data: [DONE]``.
@@ -55,7 +56,8 @@ from typing import Any
 from lmzoo.common import optional_import
 from lmzoo.decoding.generate import SEED_LIMIT, check_sampling, encode_prompt
 from lmzoo.errors import QUOTE_CHARS, ConfigError, LmzooError, quote
-from lmzoo.serving.chat import format_chat, stream_text
+from lmzoo.serving.chat import stream_text
+from lmzoo.serving.templates import TEMPLATES, render_chat, template_of
 from lmzoo.serving.worker import END, GenerationWorker, Job, QueueFull, Task
 
 DEFAULT_MAX_TOKENS_LIMIT = 512
@@ -133,7 +135,7 @@ class Server:
     """The model, its tokenizer, the limits and the generation worker; request handling without HTTP."""
 
     def __init__(self, model, tokenizer, model_name: str = "lmzoo", max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, template: str = "transcript",
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, template: str = "auto",
                  read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, queue_size: int = DEFAULT_QUEUE_SIZE,
                  max_request_tokens: int | None = None, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
                  api_key: str | None = None, bound_host: str = "127.0.0.1", allowed_hosts: Sequence[str] = ()):
@@ -148,6 +150,12 @@ class Server:
                 raise ConfigError(f"{name} must be positive, got {quote(v)}")
         if api_key is not None and not api_key.strip():
             raise ConfigError("the API key must not be empty")
+        if template not in TEMPLATES:
+            raise ConfigError(f"unknown chat template {quote(template)}; choose from {', '.join(TEMPLATES)}")
+        # the model's own template is compiled and checked now: one refused is a line at start, not a 400 later
+        own = template_of(tokenizer) if template in ("auto", "model") else None
+        if template == "model" and own is None:
+            raise ConfigError("--template model: this model's tokenizer has no chat template (use transcript or raw)")
         self.model, self.tokenizer, self.model_name, self.template = model, tokenizer, model_name, template
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
         self.max_request_tokens, self.read_timeout_s = max_request_tokens, float(read_timeout_s)
@@ -271,8 +279,9 @@ class Server:
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise RequestError("'messages' must be a non-empty list of {role, content} objects", param="messages")
         try:
-            prompt, stops = format_chat(messages, self.template)  # the one place a conversation becomes text
-        except ConfigError as e:
+            # the one place a conversation becomes text; a bad message or the template's own refusal: a 400
+            prompt, stops = render_chat(messages, self.tokenizer, self.template)
+        except LmzooError as e:
             raise RequestError(str(e), param="messages") from None
         n = self._n(body)
         max_tokens, extra_stops, kwargs = self.sampling(body, self.max_tokens_limit, n)

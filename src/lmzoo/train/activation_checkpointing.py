@@ -8,51 +8,34 @@ only its input; backward runs the block's forward again to rebuild the rest. Mem
 activations drops from L blocks' worth to one block's worth plus L block inputs, for about one
 extra forward pass (~33% more compute: forward 1 + backward 2 becomes 1 + 1 + 2).
 
-Every family keeps its blocks in ``model.blocks`` (an ``nn.ModuleList``); a family that stores
-them elsewhere may expose ``checkpoint_blocks()`` returning the modules to wrap. No model file
-changes: each block's ``forward`` is replaced on the instance by one that calls the original
-through ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``. Parameter names, state dicts
-and checkpoints are unchanged. Decoding (a cache passed, or no grad) runs the block plainly: a
-recomputation would write the KV cache twice.
+Every family's blocks are found through the model contract (``model.block_modules()``, the
+blocks of :mod:`lmzoo.models.base`, a multi-token wrapper's heads included) and every block is
+called the same way, ``block(x, ctx, layer)``. No model file changes: each block's ``forward`` is
+replaced on the instance by one that calls the original through
+``torch.utils.checkpoint.checkpoint(use_reentrant=False)``. Parameter names, state dicts and
+checkpoints are unchanged. Decoding (a cache in the context, or no grad) runs the block plainly: a
+recomputation would write the decoding state twice.
 """
 
 from __future__ import annotations
 
-import inspect
 import types
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmzoo.errors import ConfigError
-
 
 def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
-    """The modules to checkpoint: ``model.checkpoint_blocks()`` if defined, else ``model.blocks``."""
-    if hasattr(model, "checkpoint_blocks"):
-        return list(model.checkpoint_blocks())
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential, list, tuple)) and len(blocks):
-        return list(blocks)
-    name = getattr(model, "family", type(model).__name__)
-    raise ConfigError(
-        f"grad_checkpointing: the {name} model has no `blocks` list (nor checkpoint_blocks()) to checkpoint"
-    )
+    """The modules to checkpoint: every residual block of the model (``model.block_modules()``)."""
+    return [block for _, block in model.block_modules()]
 
 
 def _checkpointed(orig):
-    # where a decoding cache would be passed positionally (None: the block takes no cache)
-    names = [n for n in inspect.signature(orig).parameters][1:]  # without self
-    cache_at = names.index("cache") if "cache" in names else None
-
-    def forward(self, *args, **kwargs):
-        decoding = kwargs.get("cache") is not None or (
-            cache_at is not None and len(args) > cache_at and args[cache_at] is not None
-        )
-        if decoding or not (self.training and torch.is_grad_enabled()):
-            return orig(self, *args, **kwargs)
-        return checkpoint(orig, self, *args, use_reentrant=False, **kwargs)
+    def forward(self, x, ctx, layer):
+        if ctx.cache is not None or not (self.training and torch.is_grad_enabled()):
+            return orig(self, x, ctx, layer)
+        return checkpoint(orig, self, x, ctx, layer, use_reentrant=False)
 
     return forward
 

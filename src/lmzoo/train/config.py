@@ -24,15 +24,16 @@ class TrainConfig(Config):
     # model
     model: str = "gpt2-char-cpu"  # a preset name (see `lmzoo info --list`)
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # preset overrides
-    # data: a prepared directory, or a source prepared on first use
-    source: str = "stdlib"  # built-in corpus name or a path (file, folder, .jsonl, .parquet)
-    input: str | None = None  # local copy for a built-in corpus that would be downloaded
+    # data: a prepared data_dir, or a source prepared into it first (neither given: the built-in stdlib corpus)
+    source: str | None = None  # corpus to prepare: stdlib, shakespeare, a file, folder, .jsonl, .parquet, owner/name
+    input: str | None = None  # local copy of a built-in corpus that would be downloaded (shakespeare)
     tokenizer: str = "char"  # byte | char | bpe | a pretrained tokenizer directory
     vocab_size: int | None = None  # BPE vocabulary size
-    data_dir: str | None = None  # default: data/<source>-<tokenizer>
+    data_dir: str | None = None  # a prepared data set; default: data/<source>-<tokenizer>
     # run
-    out_dir: str = "runs/default"
-    seed: int = 1337
+    out_dir: str | None = None  # the run directory; default: a new runs/<model>-<time>, linked as runs/latest
+    overwrite: bool = False  # replace the run already in out_dir (its checkpoints and logs) instead of refusing
+    seed: int = 1337  # initial weights, data order and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = 0  # CPU threads for torch (0: torch's default); 1 is fastest on a busy machine
     # precision (docs/mixed-precision.md)
@@ -40,7 +41,7 @@ class TrainConfig(Config):
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # weights, grads and AdamW moments
     fp32_norms: bool = True  # norm layers compute in float32 (autocast off inside them)
     tf32: bool = True  # CUDA: float32 matmuls on TF32 tensor cores
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no C++ code generation)
     grad_checkpointing: bool = False  # recompute each block's activations in backward
     memory_check: bool = True  # refuse a model whose estimated memory exceeds the device's (lmzoo.memguard)
@@ -51,7 +52,7 @@ class TrainConfig(Config):
     global_batch: int | None = None  # sequences per optimizer step: grad_accum = this / (batch * world)
     batch_ramp_steps: int = 0  # grow micro-batches per step linearly over this many steps (0: off)
     batch_ramp_start: int = 1  # micro-batches per step at step 0 of the ramp
-    max_steps: int = 2000
+    max_steps: int = 2000  # optimizer steps to train (the run ends there)
     # random: each rank draws its own windows; sequential: consecutive windows split across ranks, so N
     # data-parallel ranks read exactly the rows one process would (the same run at any world size)
     data_order: Literal["random", "sequential"] = "random"
@@ -64,44 +65,44 @@ class TrainConfig(Config):
     max_time_s: float = 0.0  # wall-clock budget incl. the final evaluation (0: none)
     time_clock: Literal["wall", "cpu"] = "wall"  # "cpu": max_time_s counts this process's CPU time
     # optimizer and schedule
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 100
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # learning-rate shape (docs/lr-schedules.md)
+    warmup_steps: int = 100  # linear warm-up from 0 to lr
     decay_steps: int | None = None  # cosine horizon; default max_steps
     schedule_unit: Literal["steps", "time"] = "steps"  # "time": decay over max_time_s of wall clock
-    wsd_decay_frac: float = 0.2
-    weight_decay: float = 0.1
-    decay_embeddings: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
+    wsd_decay_frac: float = 0.2  # wsd: the final fraction of the steps that decays to min_lr
+    weight_decay: float = 0.1  # decoupled (AdamW) weight decay of the matrices
+    decay_embeddings: bool = False  # also decay the embedding weights
+    beta1: float = 0.9  # first-moment decay
+    beta2: float = 0.99  # second-moment decay
+    eps: float = 1e-8  # added to the second-moment root
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     # optimizer choice and torch.distributed layout (train/optimizers.py, distributed/)
     optimizer: Literal["adamw", "muon", "ademamix"] = "adamw"  # docs/muon.md
     optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"scaling": "modded"}
     parallel: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"mode": "ddp"|"fsdp"|"tp"|"pp", ...}
     # evaluation, checkpoints, logging
-    eval_interval: int = 250
-    eval_iters: int = 20
+    eval_interval: int = 250  # evaluate (and checkpoint) every N steps, and at the end (0: only at the end)
+    eval_iters: int = 20  # validation batches per evaluation
     ckpt_interval: int = 0  # extra checkpoints every N steps (0: at evaluations and the end)
-    keep_last: int = 2
+    keep_last: int = 2  # newest ckpt-<step> directories kept (best/ is kept apart)
     max_nonfinite: int = 5  # abort after this many non-finite steps in a row
     early_stop_patience: int = 0  # stop after this many evaluations without improvement (0: off)
     early_stop_min_delta: float = 0.0  # an improvement must lower val loss by more than this
-    resume: bool = False
-    progress: bool = True
+    resume: bool = False  # continue the run in out_dir from its newest checkpoint, with its saved settings
+    progress: bool = True  # a progress bar (loss, tokens/s, ETA) on the terminal
     run_name: str | None = None  # default: the out_dir's name
     tensorboard: bool = False  # event files in <out_dir>/tb (needs the tensorboard package)
     wandb: bool = False  # Weights & Biases (needs wandb; offline by default: no account)
-    wandb_project: str = "lmzoo"
-    wandb_mode: Literal["offline", "online"] = "offline"
+    wandb_project: str = "lmzoo"  # W&B project name
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: logged locally, synced later
     peak_flops: float | None = None  # device peak FLOP/s for MFU (default: the GPU table; CPU: none)
     system_metrics_interval: int = 10  # CUDA memory / NVML readings every N steps
     profile: bool = False  # torch.profiler trace of a few steps into <out_dir>/profile
     profile_steps: int = 3  # steps recorded (after 1 wait and 1 warm-up step)
     sample_tokens: int = 200  # sample printed at the end (0: none)
-    sample_prompt: str = "\n"
+    sample_prompt: str = "\n"  # the prompt of that sample
 
     @property
     def accum_steps(self) -> int:
@@ -166,6 +167,8 @@ class TrainConfig(Config):
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         check_parallelism("threads", self.threads)
         check_optimizer_args(self.optimizer, self.optimizer_args)  # typed and in range, before any run starts
+        if self.resume and self.overwrite:
+            raise ConfigError("resume continues the run in out_dir, overwrite replaces it: choose one")
 
 
 def accumulation_steps(global_batch: int, batch_size: int, world_size: int) -> int:

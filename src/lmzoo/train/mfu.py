@@ -101,8 +101,4 @@ def train_flops_per_token(model, seq_len: int, recurrence: bool = False) -> floa
     """Model FLOPs per trained token at context ``seq_len``: ``model.flops_per_token``, with the
     memory counted when the run trains with ``recurrence`` and the model has one (Transformer-XL
     then attends over ``mem_len`` memory states besides the segment; without a cache it does not)."""
-    import inspect
-
-    if recurrence and "memory" in inspect.signature(model.flops_per_token).parameters:
-        return model.flops_per_token(seq_len, memory=True)
-    return model.flops_per_token(seq_len)
+    return model.flops_per_token(seq_len, recurrent=recurrence)

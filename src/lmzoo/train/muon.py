@@ -189,11 +189,11 @@ def _orthogonalize(u: torch.Tensor, steps: int, dtype: torch.dtype | None) -> to
 def muon_param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict[str, Any]]:
     """Split a model's parameters: hidden matrices (Muon) and the rest (AdamW, decayed / not).
 
-    Hidden = 2-D or 3-D, not an embedding table, not the output head (a module named ``lm_head``
-    or a weight tied to an embedding).
+    Hidden = 2-D or 3-D, not an embedding table, not the output head (the model's ``head``, a
+    wrapper's ``base.head``, or a weight tied to an embedding).
     """
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    head = {id(m.weight) for name, m in model.named_modules() if name.split(".")[-1] == "lm_head"}
+    head = {id(m.weight) for name, m in model.named_modules() if name in ("head", "base.head")}
     hidden, adam_decay, adam_plain, seen = [], [], [], set()
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:

@@ -1,4 +1,4 @@
-"""Loss curves of one or several runs into a PNG (``lmzoo plot RUN_DIR... --out loss.png``).
+"""Loss curves of one or several runs into a PNG (``lmzoo plot RUN_DIR... [--out FILE.png]``).
 
 Reads each run's ``metrics.jsonl``: train loss (thin line, smoothed with an exponential moving
 average) and val loss (thick line with markers, the same colour) against the step or the number
@@ -30,6 +30,13 @@ def _x(rec: dict, axis: str) -> float | None:
     if axis == "tokens":
         return rec.get("tokens")
     return rec.get("wall_s")
+
+
+def default_plot_path(run_dirs: list[str | Path]) -> Path:
+    """Where ``lmzoo plot`` writes without ``--out``: ``loss.png`` in the first run directory (never the
+    current directory, which may be a repository with its own files)."""
+    first = Path(run_dirs[0]) if run_dirs else Path(".")
+    return (first if first.is_dir() else first.parent) / "loss.png"
 
 
 def plot_runs(

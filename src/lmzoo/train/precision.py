@@ -25,6 +25,8 @@ import types
 import torch
 from torch import nn
 
+from lmzoo.layers.norm import LayerNorm, RMSNorm
+
 
 def autocast(device: torch.device, dtype: torch.dtype):
     """The autocast context for ``dtype`` on ``device`` (a no-op context for float32)."""
@@ -45,9 +47,10 @@ def setup_tf32(device: torch.device, enabled: bool) -> None:
 
 
 def is_norm(module: nn.Module) -> bool:
-    """Norm layers of any family: torch's, lmzoo's, or any class whose name ends in ``Norm``."""
-    norm_types = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupNorm) if t is not None)
-    return isinstance(module, norm_types) or type(module).__name__.endswith("Norm")
+    """Norm layers of any family: the blocks' and final norms, and the norms inside layers (a
+    BitLinear's, Jamba's inner SSM norms), lmzoo's or torch's."""
+    torch_norms = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupNorm) if t is not None)
+    return isinstance(module, (*torch_norms, LayerNorm, RMSNorm))
 
 
 def _fp32_forward(orig):

@@ -39,12 +39,14 @@ RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "LATEST", "best", "tb", "wandb", "wan
              "result.json")
 
 # settings a resumed run may take anew: when it stops, how often it evaluates and saves, how it reports,
-# and where it runs. Everything else (model, data, tokenizer, batch, optimizer, schedule, seed) is the run's.
+# and where it runs (device, threads, the parallel layout: sharded checkpoints resume on another one, and
+# the trainer refuses the one that cannot, e.g. another tensor-parallel degree). Everything else (model,
+# data, tokenizer, batch, optimizer, schedule, seed) is the run's.
 SAFE_ON_RESUME = frozenset({
     "max_steps", "max_time_s", "eval_interval", "eval_iters", "ckpt_interval", "keep_last", "early_stop_patience",
     "early_stop_min_delta", "progress", "tensorboard", "wandb", "wandb_project", "wandb_mode",
     "system_metrics_interval", "profile", "profile_steps", "sample_tokens", "sample_prompt", "memory_check",
-    "device", "threads", "max_nonfinite",
+    "device", "threads", "parallel", "max_nonfinite",
 })
 
 

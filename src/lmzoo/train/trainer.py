@@ -17,10 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,18 +28,17 @@ from lmzoo.common import DTYPES, resolve_device, resolve_dtype
 from lmzoo.errors import CheckpointError, ConfigError, DataError, LmzooError, ResourceError
 from lmzoo.formats import checkpoint as ckpt
 from lmzoo.formats.atomic import REMEDY, atomic_write_text, clean_stale, remove_tree
-from lmzoo.layers.moe import loggable
 from lmzoo.memguard import check_batch_fits, check_fits
 from lmzoo.models import PRESETS, build_model, config_to_dict, preset_config
+from lmzoo.train import rundir
 from lmzoo.train.activation_checkpointing import apply_activation_checkpointing
 from lmzoo.train.config import TrainConfig, accumulation_steps, grad_accum_at
-from lmzoo.train.loggers import Loggers, TensorBoardLogger, WandbLogger, system_metrics
-from lmzoo.train.metrics import MetricsLogger
-from lmzoo.train.mfu import device_peak_flops, mfu, train_flops_per_token
+from lmzoo.train.mfu import device_peak_flops, train_flops_per_token
 from lmzoo.train.optimizers import make_optimizer
 from lmzoo.train.precision import apply_precision, autocast, setup_tf32
+from lmzoo.train.progress import RunReport, Stopping
 from lmzoo.train.runtime import (
-    default_data_dir,
+    data_plan,
     rng_state,
     same_tokenizer,
     seed_everything,
@@ -48,6 +46,18 @@ from lmzoo.train.runtime import (
 )
 from lmzoo.train.schedule import lr_at
 from lmzoo.train.variants import apply_variants, check_variants, saved_variants, variants_of
+
+
+class StepResult(NamedTuple):
+    """What one optimizer step did: mean loss and gradient norm over every rank, the learning rate,
+    micro-batches, tokens (every rank's) and the last micro-batch's model output (its ``aux``)."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    micro_batches: int
+    tokens: int
+    out: Any
 
 
 class Trainer:
@@ -65,6 +75,8 @@ class Trainer:
         from lmzoo.data import TokenLoader, load_meta, prepare
         from lmzoo.tokenizer import load_tokenizer
 
+        # never into another run's directory; without out_dir a new one of its own (train/rundir.py)
+        cfg, self._default_out_dir = rundir.settle(cfg)
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -95,13 +107,14 @@ class Trainer:
             raise ConfigError("Trainer(data=...) needs the model and tokenizer too")
         self.loss_fn = loss_fn
         # -- data ---------------------------------------------------------------------------
-        self.data_dir = None if data is not None else Path(cfg.data_dir) if cfg.data_dir else default_data_dir(cfg)
+        # an unprepared data_dir is an error unless a source to prepare is named (runtime.data_plan)
+        self.data_dir, source = (None, None) if data is not None else data_plan(cfg)
         with dist.main_first(self.dist):  # rank 0 prepares, the others wait
-            if data is None and not (self.data_dir / "meta.json").is_file():
-                print(f"preparing {cfg.source!r} with the {cfg.tokenizer} tokenizer into {self.data_dir}")
-                prepare(
-                    cfg.source, self.data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, input=cfg.input
-                )
+            if source is not None and not (self.data_dir / "meta.json").is_file():
+                print(f"preparing {source!r} with the {cfg.tokenizer} tokenizer into {self.data_dir}")
+                prepare(source, self.data_dir, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, input=cfg.input)
+        if self.data_dir is not None:  # saved with the run's settings: a resume reads the same data
+            self.cfg = cfg = cfg.replace(data_dir=str(self.data_dir))
         self.meta = data[0].meta if data is not None else load_meta(self.data_dir)
         self.tokenizer = tokenizer or load_tokenizer(self.data_dir / "tokenizer")
 
@@ -121,7 +134,7 @@ class Trainer:
                 f"{self.meta['vocab_size']}"
             )
         self.block_size = data[0].block_size if data is not None else cfg.block_size or mcfg.block_size
-        if self.block_size > mcfg.block_size and getattr(self.model, "wpe", None) is not None:
+        if self.model.max_positions() is not None and self.block_size > self.model.max_positions():
             raise ConfigError(f"block_size {self.block_size} exceeds the model's {mcfg.block_size}")
         if data is not None:
             self.train_loader, self.val_loader = data
@@ -178,6 +191,8 @@ class Trainer:
         self._stop_signal: int | None = None
         if cfg.resume:
             self._resume()
+        if self.dist.is_main:  # everything is ready: make the run's directory (a default one linked as runs/latest)
+            rundir.claim(self.out_dir, cfg.overwrite, link=self._default_out_dir)
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -265,7 +280,8 @@ class Trainer:
                 f"cannot resume from {d}: it was trained with another tokenizer than {self.data_dir}'s "
                 "(same vocabulary size, different tokens)"
             )
-        st = ckpt.load_train_state(d, None if self.par.sharded else self.optimizer)  # checked against it
+        # checked against the optimizer when it holds the optimizer's state (not sharded in dcp/)
+        st = ckpt.load_train_state(d, None if self.par.sharded or (d / "dcp").is_dir() else self.optimizer)
         if (d / "dcp").is_dir():  # sharded weights + optimizer state, read into this run's layout
             self.par.load_shards(d / "dcp", self.optimizer)
         elif self.par.sharded:
@@ -304,8 +320,155 @@ class Trainer:
         return dist.reduce_mean(sum(losses) / len(losses), self.dist)  # mean over ranks' shards
 
     # -- the loop ---------------------------------------------------------------------------
-    def _handle_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
+    def train(self) -> dict[str, Any]:
+        """Run until ``max_steps``, the time budget, early stopping or a signal; returns a summary.
+
+        Each pass: one optimizer step (:meth:`optimizer_step`), its record, then, when due, an
+        evaluation (best checkpoint, early stopping) and a checkpoint (:class:`~.progress.Stopping`
+        decides when, and when to stop). A skipped non-finite step repeats the pass.
+        """
+        cfg = self.cfg
+        self._start_run_dir()
+        report, stopping = RunReport(self), Stopping(self)
+        report.start()
+        self.model.train()
+        self._session_start, wall_start, session_tokens = self._clock(), time.time(), 0
+        val_loss, last_ckpt_step = math.nan, -1
+        with self._errors_reported(report), stopping.signals(), self._profiler() as prof:
+            while self.step < cfg.max_steps:
+                t0 = time.time()
+                step = self.optimizer_step(report)
+                if step is None:  # non-finite loss or gradient: skipped, nothing changed
+                    continue
+                session_tokens += step.tokens
+                report.step(step, time.time() - t0)
+                if prof is not None:
+                    prof.step()
+                out_of_time, early_stop = stopping.out_of_time(), False
+                evaluate = stopping.eval_due(out_of_time)
+                if evaluate:
+                    val_loss, early_stop = self._evaluate_and_keep_best(report, stopping)
+                if stopping.checkpoint_due(evaluate):
+                    self.save_checkpoint()
+                    last_ckpt_step = self.step
+                if stopping.stop(out_of_time, early_stop):
+                    if stopping.reason != "signal":
+                        report.event(stopping.reason, elapsed_s=self.elapsed())
+                    break
+        self._stop_signal = stopping.signal
+        if self._stop_signal is not None and last_ckpt_step != self.step:
+            self.save_checkpoint()  # a signal between checkpoints: save where the run stands
+        return self._summary(report, val_loss, wall_start, session_tokens, stopping.reason)
+
+    def optimizer_step(self, report: RunReport) -> StepResult | None:
+        """One optimizer step: the schedule's learning rate, ``grad_accum`` micro-batches (each loss
+        divided by their number, so the gradients sum to one large batch's), clipping, the update.
+        A non-finite loss or gradient norm skips the update (:meth:`_skip_step`) and returns None."""
+        cfg, opt = self.cfg, self.optimizer
+        lr = self.lr()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        accum = grad_accum_at(self.step, cfg, self.grad_accum)
+        loss_sum = torch.zeros((), device=self.device)
+        out = None
+        for micro in range(accum):
+            x, y = self.train_loader.next_batch()
+            if self.par.pipeline is not None:  # pp: the schedule runs every stage, forward and backward
+                with self.autocast:
+                    loss_sum += self.par.pipeline.step(x, y, accum) / accum
+                continue
+            # DDP: all-reduce gradients only after the last micro-batch (no_sync)
+            with dist.gradient_sync(self.train_model, micro == accum - 1):
+                with self.autocast:
+                    if self.loss_fn is None:
+                        out = self.step_fn(x, y, cache=self.memory)
+                    else:  # e.g. distillation (peft/distill.py)
+                        out = self.loss_fn(self.step_fn, x, y, cache=self.memory)
+                    loss = out.loss / accum
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(opt)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norm = self.par.clip_grad_norm(clip)  # the global norm, shards counted once
+        loss_val, norm_val = dist.reduce_mean(loss_sum, self.dist), float(norm)  # mean over ranks
+        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+            self._skip_step(opt, report, loss_val, norm_val)
+            return None
+        self.nonfinite_in_row = 0
+        self.scaler.step(opt)
+        self.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = cfg.batch_size * self.block_size * accum * self.dist.dp_size  # every rank's
+        self.tokens_seen += tokens
+        return StepResult(loss_val, norm_val, lr, accum, tokens, out)
+
+    def _evaluate_and_keep_best(self, report: RunReport, stopping: Stopping) -> tuple[float, bool]:
+        """Evaluate (timed on the budget's clock), save ``best/`` on a new best; (val loss, early stop)."""
+        start = self._clock()
+        val_loss = self.evaluate()
+        stopping.last_eval_s = self._clock() - start
+        report.eval(val_loss, stopping.last_eval_s)
+        if val_loss < self.best_val:
+            self.best_val = val_loss
+            self._save_best()
+        return val_loss, self._early_stop(val_loss)
+
+    def _start_run_dir(self) -> None:
+        """The run directory, repaired from what a kill left, with this run's settings beside the checkpoints."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            clean_stale(self.out_dir)  # what a kill -9 inside an atomic write or a prune left behind
+            atomic_write_text(self.out_dir / "train_config.json", json.dumps(self.cfg.to_dict(), indent=2))
+
+    @contextlib.contextmanager
+    def _errors_reported(self, report: RunReport):
+        """An error ends the run with an ``error`` event in its log; running out of memory in a step is one
+        line naming the sizes to change (the last checkpoint stays valid: nothing is written after)."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                report.event("error", error=f"{type(e).__name__}: {str(e)[:300]}")
+                report.close()
+                raise
+            err = self._out_of_memory()
+            report.event("error", error=f"ResourceError: {err}")
+            report.close()
+            raise err from None
+        except BaseException as e:
+            report.event("error", error=f"{type(e).__name__}: {str(e)[:300]}")
+            report.close()
+            raise
+        finally:
+            if report.bar is not None:
+                report.bar.close()
+
+    def _summary(self, report: RunReport, val_loss: float, wall_start: float, session_tokens: int,
+                 stop_reason: str) -> dict[str, Any]:
+        wall = time.time() - wall_start
+        self.train_time_s, self._session_start = self.elapsed(), None
+        summary = {
+            "step": self.step,
+            "val_loss": val_loss,
+            "best_val_loss": self.best_val,
+            "wall_s": wall,
+            "train_time_s": self.train_time_s,
+            "tokens_per_s": session_tokens / max(wall, 1e-9) if self._stop_signal is None else None,
+            "tokens": self.tokens_seen,
+            "out_dir": str(self.out_dir),
+            "interrupted": self._stop_signal is not None,
+            "stop_reason": stop_reason,
+            "nonfinite_steps": self.nonfinite_total,
+        }
+        report.event("end", **{k: v for k, v in summary.items() if k not in ("out_dir", "step")})
+        report.close()
+        return summary
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal (SIGINT, SIGTERM) that stopped :meth:`train` after saving, or None."""
+        return self._stop_signal
 
     def _clock(self) -> float:
         """Seconds on the budget's clock: wall time, or (``time_clock=cpu``) this process's CPU time,
@@ -327,17 +490,6 @@ class Trainer:
             time_frac=time_frac,
         )
 
-    def _open_loggers(self) -> Loggers:
-        cfg = self.cfg
-        if not self.dist.is_main:  # only rank 0 writes logs
-            return Loggers()
-        settings = cfg.to_dict()
-        tb = TensorBoardLogger(self.out_dir / "tb", settings) if cfg.tensorboard else None
-        wb = None
-        if cfg.wandb:
-            wb = WandbLogger(self.out_dir, cfg.wandb_project, self.run_name, cfg.wandb_mode, settings)
-        return Loggers(MetricsLogger(self.out_dir / "metrics.jsonl"), tb, wb)
-
     def _profiler(self):
         """torch.profiler over steps 3..2+profile_steps (1 wait, 1 warm-up), traces in <out_dir>/profile."""
         if not self.cfg.profile:
@@ -356,173 +508,6 @@ class Trainer:
     def close(self) -> None:
         """After a successful :meth:`train`: leave the process group this trainer joined (torchrun)."""
         dist.teardown(self.dist)
-
-    def train(self) -> dict[str, Any]:
-        """Run until ``max_steps``, the time budget, early stopping or a signal; returns a summary."""
-        cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            clean_stale(self.out_dir)  # what a kill -9 inside an atomic write or a prune left behind
-            atomic_write_text(self.out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
-        log = self._open_loggers()
-        log.log(
-            "event", self.step, event="start", run_name=self.run_name, params=self.model.num_params(),
-            non_embedding_params=self.model.num_params(non_embedding=True), device=str(self.device),
-            device_name=self.device_name, dtype=str(self.dtype).replace("torch.", ""),
-            param_dtype=cfg.param_dtype,
-            flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, world_size=self.dist.world_size,
-            block_size=self.block_size, batch_size=cfg.batch_size, grad_accum=self.grad_accum,
-            threads=torch.get_num_threads(),
-        )
-        handlers = {}
-        with contextlib.suppress(ValueError):  # not the main thread: no signal handling
-            for s in (signal.SIGTERM, signal.SIGINT):
-                handlers[s] = signal.signal(s, self._handle_signal)
-        bar = None
-        if cfg.progress and self.dist.is_main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, leave=True)
-        model, opt = self.model, self.optimizer
-        model.train()
-        self._session_start = self._clock()
-        wall_start = time.time()
-        session_tokens = 0
-        val_loss = math.nan
-        last_ckpt_step = -1
-        last_eval_s = 0.0  # the last evaluation's duration: reserved at the end of a time budget
-        stop_reason = "max_steps"
-        try:
-            with self._profiler() as prof:
-                while self.step < cfg.max_steps:
-                    t0 = time.time()
-                    lr = self.lr()
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                    accum = grad_accum_at(self.step, cfg, self.grad_accum)
-                    loss_sum = torch.zeros((), device=self.device)
-                    out = None
-                    for micro in range(accum):
-                        x, y = self.train_loader.next_batch()
-                        if self.par.pipeline is not None:  # pp: the schedule runs every stage
-                            with self.autocast:
-                                loss_sum += self.par.pipeline.step(x, y, accum) / accum
-                            continue
-                        # DDP: all-reduce gradients only after the last micro-batch (no_sync)
-                        with dist.gradient_sync(self.train_model, micro == accum - 1):
-                            with self.autocast:
-                                if self.loss_fn is None:
-                                    out = self.step_fn(x, y, cache=self.memory)
-                                else:  # e.g. distillation (peft/distill.py)
-                                    out = self.loss_fn(self.step_fn, x, y, cache=self.memory)
-                                loss = out.loss / accum
-                            self.scaler.scale(loss).backward()
-                        loss_sum += loss.detach()
-                    self.scaler.unscale_(opt)
-                    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                    norm = self.par.clip_grad_norm(clip)  # the global norm, shards counted once
-                    loss_val, norm_val = dist.reduce_mean(loss_sum, self.dist), float(norm)  # mean over ranks
-                    if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-                        self._skip_step(opt, log, loss_val, norm_val)
-                        continue
-                    self.nonfinite_in_row = 0
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    self.step += 1
-                    step_tokens = cfg.batch_size * self.block_size * accum * self.dist.dp_size  # all ranks
-                    self.tokens_seen += step_tokens
-                    session_tokens += step_tokens
-                    dt = time.time() - t0
-                    tok_s = step_tokens / max(dt, 1e-9)
-                    rec = dict(
-                        loss=loss_val, lr=lr, grad_norm=norm_val, tokens=self.tokens_seen, tokens_per_s=tok_s,
-                        step_ms=1000 * dt, micro_batches=accum,
-                    )
-                    if out is not None:
-                        rec.update(loggable(out.aux))  # MoE: router losses, expert loads (last micro-batch)
-                    if self.peak_flops:
-                        # tok_s counts every rank's tokens: per device, over world_size peaks
-                        rec["mfu"] = mfu(self.flops_per_token, tok_s, self.peak_flops, self.dist.world_size)
-                    if self.step % cfg.system_metrics_interval == 0:
-                        rec.update(system_metrics(self.device))
-                    log.log("train", self.step, **rec)
-                    if prof is not None:
-                        prof.step()
-                    if bar is not None:
-                        bar.update(1)
-                        if self.step % 10 == 0 or self.step == cfg.max_steps:
-                            bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
-                    out_of_time = bool(cfg.max_time_s) and self.elapsed() + last_eval_s >= cfg.max_time_s
-                    is_eval = (
-                        (cfg.eval_interval and self.step % cfg.eval_interval == 0)
-                        or self.step == cfg.max_steps
-                        or out_of_time
-                    )
-                    if is_eval:
-                        c_eval = self._clock()
-                        val_loss = self.evaluate()
-                        last_eval_s = self._clock() - c_eval  # on the budget's clock
-                        log.log(
-                            "eval", self.step, val_loss=val_loss, tokens=self.tokens_seen, eval_s=last_eval_s
-                        )
-                        if bar is not None:
-                            bar.write(f"step {self.step}: val loss {val_loss:.4f}")
-                        if val_loss < self.best_val:
-                            self.best_val = val_loss
-                            self._save_best()
-                        if self._early_stop(val_loss):
-                            stop_reason = "early_stop"
-                    if is_eval or (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0):
-                        self.save_checkpoint()
-                        last_ckpt_step = self.step
-                    if out_of_time and stop_reason == "max_steps":
-                        stop_reason = "time"
-                    if stop_reason != "max_steps":
-                        log.log("event", self.step, event=stop_reason, elapsed_s=self.elapsed())
-                        break
-                    if self._stop_signal is not None:
-                        stop_reason = "signal"
-                        break
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-                log.log("event", self.step, event="error", error=f"{type(e).__name__}: {str(e)[:300]}")
-                log.close()
-                raise
-            err = self._out_of_memory()  # no checkpoint is written after this: the last one stays valid
-            log.log("event", self.step, event="error", error=f"ResourceError: {err}")
-            log.close()
-            raise err from None
-        except BaseException as e:
-            log.log("event", self.step, event="error", error=f"{type(e).__name__}: {str(e)[:300]}")
-            log.close()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-            for s, h in handlers.items():
-                signal.signal(s, h)
-        if self._stop_signal is not None and last_ckpt_step != self.step:
-            self.save_checkpoint()
-        wall = time.time() - wall_start
-        self.train_time_s, self._session_start = self.elapsed(), None
-        summary = {
-            "step": self.step,
-            "val_loss": val_loss,
-            "best_val_loss": self.best_val,
-            "wall_s": wall,
-            "train_time_s": self.train_time_s,
-            "tokens_per_s": session_tokens / max(wall, 1e-9) if self._stop_signal is None else None,
-            "tokens": self.tokens_seen,
-            "out_dir": str(self.out_dir),
-            "interrupted": self._stop_signal is not None,
-            "stop_reason": stop_reason,
-            "nonfinite_steps": self.nonfinite_total,
-        }
-        end = {k: v for k, v in summary.items() if k not in ("out_dir", "step")}
-        log.log("event", self.step, event="end", **end)
-        log.close()
-        return summary
 
     def _early_stop(self, val_loss: float) -> bool:
         """Patience counting (Prechelt 1998): stop after ``early_stop_patience`` evaluations that did
@@ -550,15 +535,13 @@ class Trainer:
             f"smaller model; the last checkpoint {self._latest_name()} is intact (resume with --resume)"
         )
 
-    def _skip_step(self, opt, log, loss_val: float, norm_val: float) -> None:
+    def _skip_step(self, opt, report: RunReport, loss_val: float, norm_val: float) -> None:
         opt.zero_grad(set_to_none=True)
         self.scaler.update()
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
-        log.log(
-            "event", self.step, event="nonfinite_skip", loss=loss_val, grad_norm=norm_val,
-            in_row=self.nonfinite_in_row, total=self.nonfinite_total,
-        )
+        report.event("nonfinite_skip", loss=loss_val, grad_norm=norm_val, in_row=self.nonfinite_in_row,
+                     total=self.nonfinite_total)
         if self.nonfinite_in_row >= self.cfg.max_nonfinite:
             raise LmzooError(
                 f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step} "
@@ -568,9 +551,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig | None = None, **overrides: Any) -> dict[str, Any]:
-    """Library entry point: ``lmzoo.train(max_steps=100, model="gpt2-debug")``."""
-    cfg = (cfg or TrainConfig()).replace(**overrides) if overrides else (cfg or TrainConfig())
-    trainer = Trainer(cfg)
+    """Library entry point: ``lmzoo.train(max_steps=100, model="gpt2-debug")``. ``resume=True`` continues the
+    run in ``out_dir`` (default: runs/latest) with its saved settings (:func:`lmzoo.train.rundir.run_config`)."""
+    trainer = Trainer(rundir.run_config({**rundir.given_settings(cfg), **overrides}))
     summary = trainer.train()
     trainer.close()
     return summary

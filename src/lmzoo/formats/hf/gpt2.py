@@ -1,32 +1,32 @@
 """Hugging Face ``GPT2LMHeadModel`` <-> lmzoo ``GPT``: the config map and the key map, both ways.
 
-lmzoo's parameter names follow the GPT-2 checkpoint, so the conversion is a renaming plus two
-details of how OpenAI's code (and so ``transformers``) stores the weights:
+The conversion is a renaming (GPT-2's names to the part names every lmzoo family shares: the table
+below) plus two details of how OpenAI's code (and so ``transformers``) stores the weights:
 
 1. **Conv1D.** The projections are ``Conv1D`` modules, which compute ``x @ W + b`` with ``W``
    stored as ``(in, out)``; ``nn.Linear`` stores ``(out, in)`` and computes ``x @ W.T + b``.
    Those four weights are transposed on the way in and back on the way out.
 2. **Fused QKV.** ``attn.c_attn`` is one projection to ``3 * n_embd`` features: all query heads,
    then all key heads, then all value heads, each head ``head_dim`` wide and in head order.
-   That is exactly lmzoo's ``attn.qkv`` layout for ``n_kv_head == n_head``: no reshuffling.
+   That is exactly lmzoo's ``mixer.qkv`` layout for ``n_kv_head == n_head``: no reshuffling.
 
-| Hugging Face (``transformer.`` prefix optional) | lmzoo                        | conversion  |
-|-------------------------------------------------|------------------------------|-------------|
-| ``wte.weight``                                  | ``wte.weight``               |             |
-| ``wpe.weight``                                  | ``wpe.weight``               |             |
-| ``h.{i}.ln_1.{weight,bias}``                    | ``blocks.{i}.ln_1.*``        |             |
-| ``h.{i}.attn.c_attn.weight`` (C, 3C)            | ``blocks.{i}.attn.qkv.weight`` (3C, C) | transpose |
-| ``h.{i}.attn.c_attn.bias``                      | ``blocks.{i}.attn.qkv.bias`` |             |
-| ``h.{i}.attn.c_proj.weight`` (C, C)             | ``blocks.{i}.attn.proj.weight`` | transpose |
-| ``h.{i}.attn.c_proj.bias``                      | ``blocks.{i}.attn.proj.bias``|             |
-| ``h.{i}.ln_2.{weight,bias}``                    | ``blocks.{i}.ln_2.*``        |             |
-| ``h.{i}.mlp.c_fc.weight`` (C, H)                | ``blocks.{i}.mlp.fc.weight`` (H, C) | transpose |
-| ``h.{i}.mlp.c_fc.bias``                         | ``blocks.{i}.mlp.fc.bias``   |             |
-| ``h.{i}.mlp.c_proj.weight`` (H, C)              | ``blocks.{i}.mlp.proj.weight`` (C, H) | transpose |
-| ``h.{i}.mlp.c_proj.bias``                       | ``blocks.{i}.mlp.proj.bias`` |             |
-| ``ln_f.{weight,bias}``                          | ``ln_f.*``                   |             |
-| ``lm_head.weight`` (never prefixed)             | ``lm_head.weight``           | omitted when tied |
-| ``h.{i}.attn.bias``, ``h.{i}.attn.masked_bias`` | (ignored: causal-mask buffers of old checkpoints) | |
+| Hugging Face (``transformer.`` prefix optional) | lmzoo                                   | conversion        |
+|-------------------------------------------------|-----------------------------------------|-------------------|
+| ``wte.weight``                                  | ``embed.weight``                        |                   |
+| ``wpe.weight``                                  | ``pos_embed.weight``                    |                   |
+| ``h.{i}.ln_1.{weight,bias}``                    | ``blocks.{i}.mixer_norm.*``             |                   |
+| ``h.{i}.attn.c_attn.weight`` (C, 3C)            | ``blocks.{i}.mixer.qkv.weight`` (3C, C) | transpose         |
+| ``h.{i}.attn.c_attn.bias``                      | ``blocks.{i}.mixer.qkv.bias``           |                   |
+| ``h.{i}.attn.c_proj.weight`` (C, C)             | ``blocks.{i}.mixer.proj.weight``        | transpose         |
+| ``h.{i}.attn.c_proj.bias``                      | ``blocks.{i}.mixer.proj.bias``          |                   |
+| ``h.{i}.ln_2.{weight,bias}``                    | ``blocks.{i}.ffn_norm.*``               |                   |
+| ``h.{i}.mlp.c_fc.weight`` (C, H)                | ``blocks.{i}.ffn.fc.weight`` (H, C)     | transpose         |
+| ``h.{i}.mlp.c_fc.bias``                         | ``blocks.{i}.ffn.fc.bias``              |                   |
+| ``h.{i}.mlp.c_proj.weight`` (H, C)              | ``blocks.{i}.ffn.proj.weight`` (C, H)   | transpose         |
+| ``h.{i}.mlp.c_proj.bias``                       | ``blocks.{i}.ffn.proj.bias``            |                   |
+| ``ln_f.{weight,bias}``                          | ``norm.*``                              |                   |
+| ``lm_head.weight`` (never prefixed)             | ``head.weight``                         | omitted when tied |
+| ``h.{i}.attn.bias``, ``h.{i}.attn.masked_bias`` | (ignored: old mask buffers)             |                   |
 
 Configs that lmzoo's GPT cannot compute exactly are refused with a one-line CheckpointError
 rather than loaded into a model that would silently differ.
@@ -41,30 +41,32 @@ from typing import Any
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.formats.hf.decoder import NO_TOKEN_IDS
 from lmzoo.formats.tensors import check_shape
 from lmzoo.models.gpt2 import GPTConfig
 
 # (HF name without the "transformer." prefix, lmzoo name, stored as Conv1D (in, out)); {i} = layer.
 KEY_MAP: tuple[tuple[str, str, bool], ...] = (
-    ("wte.weight", "wte.weight", False),
-    ("wpe.weight", "wpe.weight", False),
-    ("h.{i}.ln_1.weight", "blocks.{i}.ln_1.weight", False),
-    ("h.{i}.ln_1.bias", "blocks.{i}.ln_1.bias", False),
-    ("h.{i}.attn.c_attn.weight", "blocks.{i}.attn.qkv.weight", True),
-    ("h.{i}.attn.c_attn.bias", "blocks.{i}.attn.qkv.bias", False),
-    ("h.{i}.attn.c_proj.weight", "blocks.{i}.attn.proj.weight", True),
-    ("h.{i}.attn.c_proj.bias", "blocks.{i}.attn.proj.bias", False),
-    ("h.{i}.ln_2.weight", "blocks.{i}.ln_2.weight", False),
-    ("h.{i}.ln_2.bias", "blocks.{i}.ln_2.bias", False),
-    ("h.{i}.mlp.c_fc.weight", "blocks.{i}.mlp.fc.weight", True),
-    ("h.{i}.mlp.c_fc.bias", "blocks.{i}.mlp.fc.bias", False),
-    ("h.{i}.mlp.c_proj.weight", "blocks.{i}.mlp.proj.weight", True),
-    ("h.{i}.mlp.c_proj.bias", "blocks.{i}.mlp.proj.bias", False),
-    ("ln_f.weight", "ln_f.weight", False),
-    ("ln_f.bias", "ln_f.bias", False),
+    ("wte.weight", "embed.weight", False),
+    ("wpe.weight", "pos_embed.weight", False),
+    ("h.{i}.ln_1.weight", "blocks.{i}.mixer_norm.weight", False),
+    ("h.{i}.ln_1.bias", "blocks.{i}.mixer_norm.bias", False),
+    ("h.{i}.attn.c_attn.weight", "blocks.{i}.mixer.qkv.weight", True),
+    ("h.{i}.attn.c_attn.bias", "blocks.{i}.mixer.qkv.bias", False),
+    ("h.{i}.attn.c_proj.weight", "blocks.{i}.mixer.proj.weight", True),
+    ("h.{i}.attn.c_proj.bias", "blocks.{i}.mixer.proj.bias", False),
+    ("h.{i}.ln_2.weight", "blocks.{i}.ffn_norm.weight", False),
+    ("h.{i}.ln_2.bias", "blocks.{i}.ffn_norm.bias", False),
+    ("h.{i}.mlp.c_fc.weight", "blocks.{i}.ffn.fc.weight", True),
+    ("h.{i}.mlp.c_fc.bias", "blocks.{i}.ffn.fc.bias", False),
+    ("h.{i}.mlp.c_proj.weight", "blocks.{i}.ffn.proj.weight", True),
+    ("h.{i}.mlp.c_proj.bias", "blocks.{i}.ffn.proj.bias", False),
+    ("ln_f.weight", "norm.weight", False),
+    ("ln_f.bias", "norm.bias", False),
 )
 PREFIX = "transformer."  # GPT2LMHeadModel nests GPT2Model under it; GPT2Model's own keys lack it
 LM_HEAD = "lm_head.weight"  # the one key outside the prefix
+HEAD = "head.weight"  # lmzoo's name for it
 IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
 
 # HF activation_function -> lmzoo mlp. gelu_new, gelu_fast and gelu_pytorch_tanh are three
@@ -102,7 +104,7 @@ def hf_to_lmzoo_name(hf_name: str) -> tuple[str, bool] | None:
     Raises CheckpointError for a name that is neither (an unexpected tensor).
     """
     if hf_name == LM_HEAD:
-        return LM_HEAD, False
+        return HEAD, False
     name = hf_name.removeprefix(PREFIX)
     if IGNORED.match(name):
         return None
@@ -117,7 +119,7 @@ def hf_to_lmzoo_name(hf_name: str) -> tuple[str, bool] | None:
 
 def lmzoo_to_hf_name(name: str) -> tuple[str, bool]:
     """``(HF name with the "transformer." prefix, is Conv1D)`` of an lmzoo GPT tensor name."""
-    if name == LM_HEAD:
+    if name == HEAD:
         return LM_HEAD, False
     for pattern, hf, conv1d in _TO_HF:
         m = pattern.match(name)
@@ -213,10 +215,7 @@ class GPT2Converter:
             "attn_pdrop": cfg.dropout,
             "initializer_range": cfg.init_std,
             "tie_word_embeddings": cfg.tie_embeddings,
-            "bos_token_id": None,
-            "eos_token_id": None,
-            "pad_token_id": None,
-            "use_cache": True,
+            **NO_TOKEN_IDS,
             **REQUIRED,
         }
 
@@ -260,9 +259,9 @@ class GPT2Converter:
     def state_to_hf(
         self, state: Mapping[str, torch.Tensor], cfg: GPTConfig
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(HF name, tensor)`` pairs of a GPT state dict; the tied ``lm_head`` is stored once (as wte)."""
+        """``(HF name, tensor)`` pairs of a GPT state dict; a tied head is stored once (as wte)."""
         for name, t in state.items():
-            if name == LM_HEAD and cfg.tie_embeddings:
+            if name == HEAD and cfg.tie_embeddings:
                 continue  # transformers re-ties it from transformer.wte.weight
             hf_name, conv1d = lmzoo_to_hf_name(name)
             yield hf_name, (t.t() if conv1d else t).contiguous()

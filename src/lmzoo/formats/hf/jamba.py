@@ -2,20 +2,20 @@
 
 HF names without the ``model.`` prefix ({i} = layer, {e} = expert, {p} = a Mamba parameter):
 
-| Hugging Face                                  | lmzoo                                     |
-|-----------------------------------------------|-------------------------------------------|
-| ``embed_tokens.weight``                       | ``wte.weight``                            |
-| ``layers.{i}.input_layernorm.weight``         | ``blocks.{i}.mixer_norm.weight``          |
-| ``layers.{i}.self_attn.{q,k,v}_proj.weight``  | ``blocks.{i}.mixer.qkv.weight`` (q; k; v) |
-| ``layers.{i}.self_attn.o_proj.weight``        | ``blocks.{i}.mixer.proj.weight``          |
-| ``layers.{i}.mamba.{p}``                      | ``blocks.{i}.mixer.{p}``                  |
-| ``layers.{i}.mamba.{dt,b,c}_layernorm.weight``| ``blocks.{i}.mixer.{dt,B,C}_norm.weight`` |
-| ``layers.{i}.pre_ff_layernorm.weight``        | ``blocks.{i}.ffn_norm.weight``            |
-| ``layers.{i}.feed_forward.{gate,up,down}_proj.weight`` | ``blocks.{i}.ffn.{gate,up,down}.weight`` |
-| ``layers.{i}.feed_forward.router.weight``     | ``blocks.{i}.ffn.router.weight``          |
-| ``layers.{i}.feed_forward.experts.{e}.{g,u,d}`` | ``blocks.{i}.ffn.experts.{e}.{gate,up,down}.weight`` |
-| ``final_layernorm.weight``                    | ``norm_f.weight``                         |
-| ``lm_head.weight`` (absent when tied)         | ``lm_head.weight``                        |
+| Hugging Face                                           | lmzoo                                                |
+|--------------------------------------------------------|------------------------------------------------------|
+| ``embed_tokens.weight``                                | ``embed.weight``                                     |
+| ``layers.{i}.input_layernorm.weight``                  | ``blocks.{i}.mixer_norm.weight``                     |
+| ``layers.{i}.self_attn.{q,k,v}_proj.weight``           | ``blocks.{i}.mixer.qkv.weight`` (q; k; v)            |
+| ``layers.{i}.self_attn.o_proj.weight``                 | ``blocks.{i}.mixer.proj.weight``                     |
+| ``layers.{i}.mamba.{p}``                               | ``blocks.{i}.mixer.{p}``                             |
+| ``layers.{i}.mamba.{dt,b,c}_layernorm.weight``         | ``blocks.{i}.mixer.{dt,B,C}_norm.weight``            |
+| ``layers.{i}.pre_ff_layernorm.weight``                 | ``blocks.{i}.ffn_norm.weight``                       |
+| ``layers.{i}.feed_forward.{gate,up,down}_proj.weight`` | ``blocks.{i}.ffn.{gate,up,down}.weight``             |
+| ``layers.{i}.feed_forward.router.weight``              | ``blocks.{i}.ffn.router.weight``                     |
+| ``layers.{i}.feed_forward.experts.{e}.{g,u,d}``        | ``blocks.{i}.ffn.experts.{e}.{gate,up,down}.weight`` |
+| ``final_layernorm.weight``                             | ``norm.weight``                                      |
+| ``lm_head.weight`` (absent when tied)                  | ``head.weight``                                      |
 
 ``{g,u,d}``: ``gate_proj.weight``, ``up_proj.weight``, ``down_proj.weight``.
 ``{p}``: in_proj, conv1d, x_proj, dt_proj, out_proj (weights and biases), A_log, D. Files hold the
@@ -35,18 +35,16 @@ from typing import Any
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError
-from lmzoo.formats.tensors import check_shape, split_fused_experts
+from lmzoo.formats.hf.decoder import NO_TOKEN_IDS, DecoderLayout
 from lmzoo.models.jamba import JambaConfig
 
-PREFIX = "model."
-LM_HEAD = "lm_head.weight"
-_MAMBA = "|".join(re.escape(p) for p in (
+MAMBA_PARAMS = (
     "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
     "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias",
-))
+)
 # (HF name without "model.", lmzoo name): templates with {i} layer, {e} expert, {p} a Mamba parameter
 KEY_MAP: tuple[tuple[str, str], ...] = (
-    ("embed_tokens.weight", "wte.weight"),
+    ("embed_tokens.weight", "embed.weight"),
     ("layers.{i}.input_layernorm.weight", "blocks.{i}.mixer_norm.weight"),
     ("layers.{i}.self_attn.o_proj.weight", "blocks.{i}.mixer.proj.weight"),
     ("layers.{i}.mamba.{p}", "blocks.{i}.mixer.{p}"),
@@ -61,25 +59,12 @@ KEY_MAP: tuple[tuple[str, str], ...] = (
     ("layers.{i}.feed_forward.experts.{e}.gate_proj.weight", "blocks.{i}.ffn.experts.{e}.gate.weight"),
     ("layers.{i}.feed_forward.experts.{e}.up_proj.weight", "blocks.{i}.ffn.experts.{e}.up.weight"),
     ("layers.{i}.feed_forward.experts.{e}.down_proj.weight", "blocks.{i}.ffn.experts.{e}.down.weight"),
-    ("final_layernorm.weight", "norm_f.weight"),
+    ("final_layernorm.weight", "norm.weight"),
 )
-QKV = re.compile(r"^layers\.(\d+)\.self_attn\.([qkv])_proj\.weight$")
 FUSED_EXPERTS = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(gate_up_proj|down_proj)$")
 
 
-def _compile(template: str) -> re.Pattern[str]:
-    p = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
-    return re.compile("^" + p.replace(r"\{p\}", f"(?P<p>{_MAMBA})") + "$")
-
-
-def _fill(template: str, m: re.Match[str]) -> str:
-    for key, value in m.groupdict().items():
-        template = template.replace("{" + key + "}", value)
-    return template
-
-
-_FROM_HF = [(_compile(hf), lm) for hf, lm in KEY_MAP]
-_TO_HF = [(_compile(lm), hf) for hf, lm in KEY_MAP]
+LAYOUT = DecoderLayout(KEY_MAP, FUSED_EXPERTS, "Jamba", params=MAMBA_PARAMS)
 
 
 class JambaConverter:
@@ -161,83 +146,25 @@ class JambaConverter:
             "attention_dropout": cfg.dropout,
             "initializer_range": cfg.init_std,
             "max_position_embeddings": 262144,  # nothing in the model depends on it
-            "bos_token_id": None,  # token ids belong to the tokenizer, which the config does not know
-            "eos_token_id": None,
-            "pad_token_id": None,
-            "use_cache": True,
+            **NO_TOKEN_IDS,
         }
 
     def state_from_hf(
-        self,
-        tensors: Iterable[tuple[str, torch.Tensor]],
-        cfg: JambaConfig,
-        expected: Mapping[str, tuple[int, ...]],
+        self, tensors: Iterable[tuple[str, torch.Tensor]], cfg: JambaConfig, expected: Mapping[str, tuple[int, ...]]
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream of HF ``(name, tensor)`` -> lmzoo ``(name, tensor)``; shape errors name the HF tensor.
-
-        A layer's q, k and v are held until all three arrived, then fused into ``qkv``; a fused
-        expert tensor is split into per-expert copies.
-        """
-        hd = cfg.n_embd // cfg.n_head
-        rows = {"q": cfg.n_head * hd, "k": cfg.n_kv_head * hd, "v": cfg.n_kv_head * hd}
-        pending: dict[str, dict[str, torch.Tensor]] = {}
-        for hf_name, t in tensors:
-            name = hf_name if hf_name == LM_HEAD else hf_name.removeprefix(PREFIX)
-            if m := QKV.match(name):
-                target = f"blocks.{m.group(1)}.mixer.qkv.weight"
-                if target not in expected:
-                    raise CheckpointError(f"unexpected tensor {hf_name!r}: layer {m.group(1)} is Mamba")
-                check_shape(hf_name, t, (rows[m.group(2)], cfg.n_embd))
-                parts = pending.setdefault(target, {})
-                parts[m.group(2)] = t
-                if len(parts) == 3:
-                    yield target, torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-                    del pending[target]
-                continue
-            if m := FUSED_EXPERTS.match(name):
-                yield from self._split_experts(hf_name, int(m.group(1)), m.group(2), t, cfg, expected)
-                continue
-            lm = LM_HEAD if name == LM_HEAD else next(
-                (_fill(target, mm) for pattern, target in _FROM_HF if (mm := pattern.match(name))), None
-            )
-            if lm is None:
-                raise CheckpointError(f"unexpected tensor {hf_name!r} (not in a Jamba model)")
-            if lm not in expected:
-                raise CheckpointError(
-                    f"unexpected tensor {hf_name!r}: the model (n_layer={cfg.n_layer}, layer pattern "
-                    f"attention {cfg.attn_offset}/{cfg.attn_every}, MoE {cfg.moe_offset}/{cfg.moe_every}) "
-                    f"has no {lm!r}"
-                )
-            check_shape(hf_name, t, expected[lm])
-            yield lm, t
-        if pending:
-            missing = [f"model.layers.{n.split('.')[1]}.self_attn.{p}_proj.weight"
-                       for n, parts in pending.items() for p in "qkv" if p not in parts]
-            raise CheckpointError(f"missing tensor(s) {', '.join(missing[:5])}")
-
-    @staticmethod
-    def _split_experts(hf_name, layer, kind, t, cfg, expected) -> Iterator[tuple[str, torch.Tensor]]:
-        if f"blocks.{layer}.ffn.router.weight" not in expected:
-            raise CheckpointError(f"unexpected tensor {hf_name!r}: the model has no experts in layer {layer}")
-        prefix = f"blocks.{layer}.ffn.experts"
-        yield from split_fused_experts(hf_name, kind, t, prefix, cfg.n_experts, cfg.mlp_hidden, cfg.n_embd)
+        """Stream of HF ``(name, tensor)`` -> lmzoo ``(name, tensor)`` (:meth:`DecoderLayout.state_from_hf`)."""
+        describe = (f"n_layer={cfg.n_layer}, layer pattern attention {cfg.attn_offset}/{cfg.attn_every}, "
+                    f"MoE {cfg.moe_offset}/{cfg.moe_every}")
+        return LAYOUT.state_from_hf(tensors, expected, _qkv_rows(cfg), cfg.n_embd, cfg.n_experts, cfg.mlp_hidden,
+                                    describe)
 
     def state_to_hf(
         self, state: Mapping[str, torch.Tensor], cfg: JambaConfig
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(HF name, tensor)`` pairs of a Jamba state dict: qkv split, experts apart, a tied head once."""
-        hd = cfg.n_embd // cfg.n_head
-        for name, t in state.items():
-            if name == LM_HEAD:
-                if not cfg.tie_embeddings:
-                    yield LM_HEAD, t.contiguous()
-                continue
-            if m := re.match(r"^blocks\.(\d+)\.mixer\.qkv\.weight$", name):
-                q, k, v = t.split([cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd], dim=0)
-                for part, w in zip("qkv", (q, k, v)):
-                    yield f"{PREFIX}layers.{m.group(1)}.self_attn.{part}_proj.weight", w.contiguous()
-                continue
-            hf = next((_fill(target, mm) for pattern, target in _TO_HF if (mm := pattern.match(name))), None)
-            if hf is None:
-                raise ConfigError(f"lmzoo tensor {name!r} has no Jamba counterpart")
-            yield PREFIX + hf, t.contiguous()
+        return LAYOUT.state_to_hf(state, list(_qkv_rows(cfg).values()), cfg.tie_embeddings)
+
+
+def _qkv_rows(cfg: JambaConfig) -> dict[str, int]:
+    hd = cfg.n_embd // cfg.n_head
+    return {"q": cfg.n_head * hd, "k": cfg.n_kv_head * hd, "v": cfg.n_kv_head * hd}

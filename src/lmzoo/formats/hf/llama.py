@@ -4,20 +4,20 @@ The three architectures are one lmzoo family; the HF ``model_type`` picks the co
 (Mistral: ``sliding_window``; Mixtral: ``num_local_experts``...). Tensors, HF names without the
 ``model.`` prefix ({i} = layer, {e} = expert):
 
-| Hugging Face                                        | lmzoo                                 | conversion  |
-|-----------------------------------------------------|---------------------------------------|-------------|
-| ``embed_tokens.weight``                             | ``wte.weight``                        |            |
-| ``layers.{i}.input_layernorm.weight``               | ``blocks.{i}.attn_norm.weight``       |            |
-| ``layers.{i}.self_attn.{q,k,v}_proj.weight``        | ``blocks.{i}.attn.qkv.weight``        | q; k; v cat |
-| ``layers.{i}.self_attn.o_proj.weight``              | ``blocks.{i}.attn.proj.weight``       |            |
-| ``layers.{i}.post_attention_layernorm.weight``      | ``blocks.{i}.mlp_norm.weight``        |            |
-| ``layers.{i}.mlp.{gate,up,down}_proj.weight``       | ``blocks.{i}.mlp.{gate,up,down}.weight`` |         |
-| ``layers.{i}.block_sparse_moe.gate.weight``         | ``blocks.{i}.mlp.router.weight``      |            |
-| ``layers.{i}.block_sparse_moe.experts.{e}.w1.weight`` | ``blocks.{i}.mlp.experts.{e}.gate.weight`` |      |
-| ``layers.{i}.block_sparse_moe.experts.{e}.w3.weight`` | ``blocks.{i}.mlp.experts.{e}.up.weight``   |      |
-| ``layers.{i}.block_sparse_moe.experts.{e}.w2.weight`` | ``blocks.{i}.mlp.experts.{e}.down.weight`` |      |
-| ``norm.weight``                                     | ``norm_f.weight``                     |            |
-| ``lm_head.weight`` (absent when tied)               | ``lm_head.weight``                    |            |
+| Hugging Face                                          | lmzoo                                      | conversion  |
+|-------------------------------------------------------|--------------------------------------------|-------------|
+| ``embed_tokens.weight``                               | ``embed.weight``                           |             |
+| ``layers.{i}.input_layernorm.weight``                 | ``blocks.{i}.mixer_norm.weight``           |             |
+| ``layers.{i}.self_attn.{q,k,v}_proj.weight``          | ``blocks.{i}.mixer.qkv.weight``            | q; k; v cat |
+| ``layers.{i}.self_attn.o_proj.weight``                | ``blocks.{i}.mixer.proj.weight``           |             |
+| ``layers.{i}.post_attention_layernorm.weight``        | ``blocks.{i}.ffn_norm.weight``             |             |
+| ``layers.{i}.mlp.{gate,up,down}_proj.weight``         | ``blocks.{i}.ffn.{gate,up,down}.weight``   |             |
+| ``layers.{i}.block_sparse_moe.gate.weight``           | ``blocks.{i}.ffn.router.weight``           |             |
+| ``layers.{i}.block_sparse_moe.experts.{e}.w1.weight`` | ``blocks.{i}.ffn.experts.{e}.gate.weight`` |             |
+| ``layers.{i}.block_sparse_moe.experts.{e}.w3.weight`` | ``blocks.{i}.ffn.experts.{e}.up.weight``   |             |
+| ``layers.{i}.block_sparse_moe.experts.{e}.w2.weight`` | ``blocks.{i}.ffn.experts.{e}.down.weight`` |             |
+| ``norm.weight``                                       | ``norm.weight``                            |             |
+| ``lm_head.weight`` (absent when tied)                 | ``head.weight``                            |             |
 
 Mixtral files use the per-expert ``block_sparse_moe`` layout above (what the released checkpoints
 hold and what ``save_pretrained`` of transformers 5 still writes). transformers 5 keeps experts
@@ -40,30 +40,27 @@ from typing import Any
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.formats.hf.decoder import NO_TOKEN_IDS, PREFIX, DecoderLayout
 from lmzoo.formats.hf.fields import is_int, is_number
-from lmzoo.formats.tensors import check_shape, split_fused_experts
 from lmzoo.models.llama import LlamaConfig
 
-PREFIX = "model."
-LM_HEAD = "lm_head.weight"
 # (HF name without "model.", lmzoo name); {i} layer, {e} expert. The first HF name of an lmzoo name is
 # the one export writes; later ones are aliases only read.
 KEY_MAP: tuple[tuple[str, str], ...] = (
-    ("embed_tokens.weight", "wte.weight"),
-    ("layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.weight"),
-    ("layers.{i}.self_attn.o_proj.weight", "blocks.{i}.attn.proj.weight"),
-    ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
-    ("layers.{i}.mlp.gate_proj.weight", "blocks.{i}.mlp.gate.weight"),
-    ("layers.{i}.mlp.up_proj.weight", "blocks.{i}.mlp.up.weight"),
-    ("layers.{i}.mlp.down_proj.weight", "blocks.{i}.mlp.down.weight"),
-    ("layers.{i}.block_sparse_moe.gate.weight", "blocks.{i}.mlp.router.weight"),
-    ("layers.{i}.block_sparse_moe.experts.{e}.w1.weight", "blocks.{i}.mlp.experts.{e}.gate.weight"),
-    ("layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "blocks.{i}.mlp.experts.{e}.up.weight"),
-    ("layers.{i}.block_sparse_moe.experts.{e}.w2.weight", "blocks.{i}.mlp.experts.{e}.down.weight"),
-    ("layers.{i}.mlp.gate.weight", "blocks.{i}.mlp.router.weight"),  # transformers 5's in-memory name
-    ("norm.weight", "norm_f.weight"),
+    ("embed_tokens.weight", "embed.weight"),
+    ("layers.{i}.input_layernorm.weight", "blocks.{i}.mixer_norm.weight"),
+    ("layers.{i}.self_attn.o_proj.weight", "blocks.{i}.mixer.proj.weight"),
+    ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.ffn_norm.weight"),
+    ("layers.{i}.mlp.gate_proj.weight", "blocks.{i}.ffn.gate.weight"),
+    ("layers.{i}.mlp.up_proj.weight", "blocks.{i}.ffn.up.weight"),
+    ("layers.{i}.mlp.down_proj.weight", "blocks.{i}.ffn.down.weight"),
+    ("layers.{i}.block_sparse_moe.gate.weight", "blocks.{i}.ffn.router.weight"),
+    ("layers.{i}.block_sparse_moe.experts.{e}.w1.weight", "blocks.{i}.ffn.experts.{e}.gate.weight"),
+    ("layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "blocks.{i}.ffn.experts.{e}.up.weight"),
+    ("layers.{i}.block_sparse_moe.experts.{e}.w2.weight", "blocks.{i}.ffn.experts.{e}.down.weight"),
+    ("layers.{i}.mlp.gate.weight", "blocks.{i}.ffn.router.weight"),  # transformers 5's in-memory name
+    ("norm.weight", "norm.weight"),
 )
-QKV = re.compile(r"^layers\.(\d+)\.self_attn\.([qkv])_proj\.weight$")
 FUSED_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 IGNORED = re.compile(r"^layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")  # a buffer some old .bin files hold
 
@@ -83,21 +80,7 @@ ARCHITECTURES = {
 ROPE_TYPES = ("default", "linear", "yarn")  # what lmzoo computes exactly; "dynamic", "llama3"... are refused
 
 
-def _compile(pattern: str) -> re.Pattern[str]:
-    p = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
-    return re.compile("^" + p + "$")
-
-
-def _fill(pattern: str, m: re.Match[str]) -> str:
-    for key, value in m.groupdict().items():
-        pattern = pattern.replace("{" + key + "}", value)
-    return pattern
-
-
-_FROM_HF = [(_compile(hf), lm) for hf, lm in KEY_MAP]
-_TO_HF: dict[str, tuple[re.Pattern[str], str]] = {}
-for _hf, _lm in KEY_MAP:
-    _TO_HF.setdefault(_lm, (_compile(_lm), _hf))  # the first HF name wins
+LAYOUT = DecoderLayout(KEY_MAP, FUSED_EXPERTS, "Llama/Mistral/Mixtral", ignored=IGNORED)
 
 
 def meta_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -270,10 +253,7 @@ class LlamaConverter:
             "tie_word_embeddings": cfg.tie_embeddings,
             "attention_dropout": cfg.dropout,
             "initializer_range": cfg.init_std,
-            "bos_token_id": None,  # token ids belong to the tokenizer, which the config does not know
-            "eos_token_id": None,
-            "pad_token_id": None,
-            "use_cache": True,
+            **NO_TOKEN_IDS,
         }
         if model_type == "llama":
             out.update(attention_bias=False, mlp_bias=False)
@@ -287,91 +267,22 @@ class LlamaConverter:
         return out
 
     def state_from_hf(
-        self,
-        tensors: Iterable[tuple[str, torch.Tensor]],
-        cfg: LlamaConfig,
-        expected: Mapping[str, tuple[int, ...]],
+        self, tensors: Iterable[tuple[str, torch.Tensor]], cfg: LlamaConfig, expected: Mapping[str, tuple[int, ...]]
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream of HF ``(name, tensor)`` -> lmzoo ``(name, tensor)``; shape errors name the HF tensor.
-
-        q, k and v of a layer are held until all three have arrived (they are neighbours in the
-        files), then fused; a fused expert tensor is split into per-expert copies and dropped.
-        """
-        hd = cfg.head_dim
-        qkv_rows = {"q": cfg.n_head * hd, "k": cfg.n_kv_head * hd, "v": cfg.n_kv_head * hd}
-        pending: dict[str, dict[str, torch.Tensor]] = {}  # lmzoo qkv name -> the pieces seen so far
-        for hf_name, t in tensors:
-            name = hf_name if hf_name == LM_HEAD else hf_name.removeprefix(PREFIX)
-            if IGNORED.match(name):
-                continue
-            if m := QKV.match(name):
-                target = f"blocks.{m.group(1)}.attn.qkv.weight"
-                if target not in expected:
-                    raise CheckpointError(
-                        f"unexpected tensor {hf_name!r}: the model has {cfg.n_layer} layers"
-                    )
-                check_shape(hf_name, t, (qkv_rows[m.group(2)], cfg.n_embd))
-                parts = pending.setdefault(target, {})
-                parts[m.group(2)] = t
-                if len(parts) == 3:
-                    yield target, torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-                    del pending[target]
-                continue
-            if m := FUSED_EXPERTS.match(name):
-                yield from self._split_experts(hf_name, int(m.group(1)), m.group(2), t, cfg, expected)
-                continue
-            lm = LM_HEAD if name == LM_HEAD else None
-            for pattern, target in _FROM_HF:
-                if lm is None and (mm := pattern.match(name)):
-                    lm = _fill(target, mm)
-            if lm is None:
-                raise CheckpointError(f"unexpected tensor {hf_name!r} (not in a Llama/Mistral/Mixtral model)")
-            if lm not in expected:
-                raise CheckpointError(
-                    f"unexpected tensor {hf_name!r}: the model "
-                    f"(n_layer={cfg.n_layer}, n_experts={cfg.n_experts}) "
-                    f"has no {lm!r}"
-                )
-            check_shape(hf_name, t, expected[lm])
-            yield lm, t
-        if pending:
-            missing = [f"model.layers.{n.split('.')[1]}.self_attn.{p}_proj.weight"
-                       for n, parts in pending.items() for p in "qkv" if p not in parts]
-            raise CheckpointError(f"missing tensor(s) {', '.join(missing[:5])}")
+        """Stream of HF ``(name, tensor)`` -> lmzoo ``(name, tensor)`` (:meth:`DecoderLayout.state_from_hf`)."""
+        return LAYOUT.state_from_hf(tensors, expected, _qkv_rows(cfg), cfg.n_embd, cfg.n_experts, cfg.hidden,
+                                    f"n_layer={cfg.n_layer}, n_experts={cfg.n_experts}")
 
     def ignores(self, hf_name: str) -> bool:
         """True for the ``rotary_emb.inv_freq`` buffers some old ``.bin`` files hold."""
         return bool(IGNORED.match(hf_name.removeprefix(PREFIX)))
 
-    @staticmethod
-    def _split_experts(hf_name, layer, kind, t, cfg, expected) -> Iterator[tuple[str, torch.Tensor]]:
-        if f"blocks.{layer}.mlp.router.weight" not in expected:
-            raise CheckpointError(f"unexpected tensor {hf_name!r}: the model has no experts in layer {layer}")
-        prefix = f"blocks.{layer}.mlp.experts"
-        yield from split_fused_experts(hf_name, kind, t, prefix, cfg.n_experts, cfg.hidden, cfg.n_embd)
-
     def state_to_hf(
         self, state: Mapping[str, torch.Tensor], cfg: LlamaConfig
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(HF name, tensor)`` pairs of a Llama state dict: qkv split, experts apart, tied head once."""
-        hd = cfg.head_dim
-        for name, t in state.items():
-            if name == LM_HEAD:
-                if not cfg.tie_embeddings:
-                    yield LM_HEAD, t.contiguous()
-                continue
-            if name.endswith(".attn.qkv.weight"):
-                layer = name.split(".")[1]
-                q, k, v = t.split([cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd], dim=0)
-                for p, piece in zip("qkv", (q, k, v)):  # clone: safetensors refuses tensors sharing memory
-                    yield f"{PREFIX}layers.{layer}.self_attn.{p}_proj.weight", piece.clone()
-                continue
-            yield PREFIX + lmzoo_to_hf_name(name), t.contiguous()
+        return LAYOUT.state_to_hf(state, list(_qkv_rows(cfg).values()), cfg.tie_embeddings)
 
 
-def lmzoo_to_hf_name(name: str) -> str:
-    """The HF name (without ``model.``) an lmzoo Llama tensor is exported under (per-expert layout)."""
-    for pattern, hf in _TO_HF.values():
-        if m := pattern.match(name):
-            return _fill(hf, m)
-    raise CheckpointError(f"lmzoo tensor {name!r} has no Llama/Mistral/Mixtral counterpart")
+def _qkv_rows(cfg: LlamaConfig) -> dict[str, int]:
+    return {"q": cfg.n_head * cfg.head_dim, "k": cfg.n_kv_head * cfg.head_dim, "v": cfg.n_kv_head * cfg.head_dim}

@@ -4,13 +4,13 @@ lmzoo's mixer keeps the parameter names of the reference implementation (``in_pr
 ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``), which are also the
 checkpoints' names, so the conversion is a renaming with no reshaping:
 
-| Hugging Face (``backbone.`` prefix)        | lmzoo                              |
-|--------------------------------------------|------------------------------------|
-| ``embeddings.weight`` (older files: ``embedding.weight``) | ``wte.weight``      |
-| ``layers.{i}.norm.weight``                 | ``blocks.{i}.norm.weight``         |
-| ``layers.{i}.mixer.{param}``               | ``blocks.{i}.mixer.{param}``       |
-| ``norm_f.weight``                          | ``norm_f.weight``                  |
-| ``lm_head.weight`` (no prefix; absent when tied) | ``lm_head.weight``           |
+| Hugging Face (``backbone.`` prefix)                       | lmzoo                            |
+|-----------------------------------------------------------|----------------------------------|
+| ``embeddings.weight`` (older files: ``embedding.weight``) | ``embed.weight``                 |
+| ``layers.{i}.norm.weight``                                | ``blocks.{i}.mixer_norm.weight`` |
+| ``layers.{i}.mixer.{param}``                              | ``blocks.{i}.mixer.{param}``     |
+| ``norm_f.weight``                                         | ``norm.weight``                  |
+| ``lm_head.weight`` (no prefix; absent when tied)          | ``head.weight``                  |
 
 ``{param}``: ``in_proj.weight``, ``in_proj.bias``, ``conv1d.weight`` (d_inner, 1, d_conv),
 ``conv1d.bias``, ``x_proj.weight``, ``dt_proj.weight``, ``dt_proj.bias``, ``A_log``, ``D``,
@@ -30,27 +30,29 @@ from typing import Any
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.formats.hf.decoder import NO_TOKEN_IDS
 from lmzoo.formats.tensors import check_shape
 from lmzoo.models.mamba import MambaConfig
 
 PREFIX = "backbone."
 LM_HEAD = "lm_head.weight"
+HEAD = "head.weight"  # lmzoo's name for it
 MIXER_PARAMS = (
     "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
     "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias",
 )
 _FROM_HF: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^embeddings?\.weight$"), "wte.weight"),
-    (re.compile(r"^layers\.(\d+)\.norm\.weight$"), "blocks.{}.norm.weight"),
+    (re.compile(r"^embeddings?\.weight$"), "embed.weight"),
+    (re.compile(r"^layers\.(\d+)\.norm\.weight$"), "blocks.{}.mixer_norm.weight"),
     (re.compile(r"^layers\.(\d+)\.mixer\.(" + "|".join(map(re.escape, MIXER_PARAMS)) + ")$"),
      "blocks.{}.mixer.{}"),
-    (re.compile(r"^norm_f\.weight$"), "norm_f.weight"),
+    (re.compile(r"^norm_f\.weight$"), "norm.weight"),
 )
 _TO_HF: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^wte\.weight$"), "embeddings.weight"),
-    (re.compile(r"^blocks\.(\d+)\.norm\.weight$"), "layers.{}.norm.weight"),
+    (re.compile(r"^embed\.weight$"), "embeddings.weight"),
+    (re.compile(r"^blocks\.(\d+)\.mixer_norm\.weight$"), "layers.{}.norm.weight"),
     (re.compile(r"^blocks\.(\d+)\.mixer\.(.+)$"), "layers.{}.mixer.{}"),
-    (re.compile(r"^norm_f\.weight$"), "norm_f.weight"),
+    (re.compile(r"^norm\.weight$"), "norm_f.weight"),
 )
 
 
@@ -120,10 +122,7 @@ class MambaConverter:
             "residual_in_fp32": True,
             "time_step_min": cfg.dt_min,
             "time_step_max": cfg.dt_max,
-            "bos_token_id": None,
-            "eos_token_id": None,
-            "pad_token_id": None,
-            "use_cache": True,
+            **NO_TOKEN_IDS,
         }
 
     def state_from_hf(
@@ -134,7 +133,7 @@ class MambaConverter:
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Rename a stream of HF tensors; CheckpointError names a tensor that maps nowhere or mis-fits."""
         for hf_name, t in tensors:
-            name = LM_HEAD if hf_name == LM_HEAD else _rename(hf_name.removeprefix(PREFIX), _FROM_HF)
+            name = HEAD if hf_name == LM_HEAD else _rename(hf_name.removeprefix(PREFIX), _FROM_HF)
             if name is None:
                 raise CheckpointError(f"unexpected tensor {hf_name!r} in a Mamba checkpoint")
             if name not in expected:
@@ -148,9 +147,9 @@ class MambaConverter:
     def state_to_hf(
         self, state: Mapping[str, torch.Tensor], cfg: MambaConfig
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(HF name, tensor)`` pairs of a Mamba state dict; a tied ``lm_head`` is stored once."""
+        """``(HF name, tensor)`` pairs of a Mamba state dict; a tied head is stored once."""
         for name, t in state.items():
-            if name == LM_HEAD:
+            if name == HEAD:
                 if not cfg.tie_embeddings:
                     yield LM_HEAD, t.contiguous()
                 continue
