@@ -142,13 +142,13 @@ yaml_docs = st.one_of(
 
 
 
-@fuzz(120)
+@fuzz(80)
 @given(argv=argvs())
 def test_random_argv_never_gives_a_traceback(sandbox, argv):
     check(argv)
 
 
-@fuzz(120)
+@fuzz(60)
 @given(doc=yaml_docs, raw=st.one_of(st.none(), st.binary(max_size=40), st.text(max_size=40)), extra=st.lists(
     override, max_size=2))
 def test_random_yaml_config_never_gives_a_traceback(sandbox, doc, raw, extra):
