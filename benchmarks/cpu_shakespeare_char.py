@@ -28,6 +28,7 @@ each), and a summary line gives the medians and the wall-time ratio lmzoo / nano
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -70,7 +71,8 @@ NANOGPT_CPU = dict(
 NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                 "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
                 "--n_embd=128", "--dropout=0.0"]
-NANOGPT_FILES = ("train.py", "config/train_shakespeare_char.py", "data/shakespeare_char/prepare.py")
+NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py",
+                 "data/shakespeare_char/prepare.py")
 EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 
 
@@ -124,10 +126,17 @@ def git_commit(directory: Path) -> str | None:
     return res.stdout.strip() or None
 
 
+def nanogpt_files(directory: Path) -> dict[str, str]:
+    """sha256 of each nanoGPT file the recipe runs: which code was measured, git checkout or not."""
+    return {f: hashlib.sha256((directory / f).read_bytes()).hexdigest() for f in NANOGPT_FILES}
+
+
 def run_nanogpt(copy: Path, steps: int, round_: int) -> dict:
     """nanoGPT's CPU recipe in a fresh process; its final evaluation parsed from what it prints."""
+    # nanoGPT evaluates every eval_interval (250) steps only: a quick check's last step must be one of them
+    every = [] if steps % 250 == 0 else [f"--eval_interval={steps}"]
     cmd = [sys.executable, "train.py", *NANOGPT_ARGS, f"--max_iters={steps}", f"--lr_decay_iters={steps}",
-           f"--out_dir=out-{round_}"]
+           *every, f"--out_dir=out-{round_}"]
     t0 = time.time()
     res = subprocess.run(cmd, cwd=copy, capture_output=True, text=True)
     wall = time.time() - t0
@@ -172,7 +181,8 @@ def side_by_side(input_path: Path, nanogpt: Path, work: Path, seed: int, steps: 
     wall = {s: [x["wall_s"] for x in runs[s]] for s in runs}
     val = {s: [x["val_loss"] for x in runs[s]] for s in runs}
     return {"benchmark": "cpu_shakespeare_char", "summary": "nanogpt_vs_lmzoo", "steps": steps, "rounds": rounds,
-            "nanogpt_commit": git_commit(nanogpt), "nanogpt_wall_s": wall["nanogpt"], "lmzoo_wall_s": wall["lmzoo"],
+            "nanogpt_commit": git_commit(nanogpt), "nanogpt_files_sha256": nanogpt_files(nanogpt),
+            "nanogpt_wall_s": wall["nanogpt"], "lmzoo_wall_s": wall["lmzoo"],
             "nanogpt_val_loss": val["nanogpt"], "lmzoo_val_loss": val["lmzoo"],
             "nanogpt_wall_median_s": statistics.median(wall["nanogpt"]),
             "lmzoo_wall_median_s": statistics.median(wall["lmzoo"]),

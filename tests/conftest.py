@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 import pytest
 import torch
+
+# One fuzz seed for the whole run: drawn here, in the process that starts the session, and inherited by
+# the pytest-xdist workers it spawns (tests/_fuzz.py reads it), so the header's seed is every worker's.
+os.environ.setdefault("LMZOO_FUZZ_SEED", str(secrets.randbits(32)))
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

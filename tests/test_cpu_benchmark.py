@@ -1,12 +1,13 @@
 """benchmarks/cpu_shakespeare_char.py: lmzoo alone, and side by side with a nanoGPT checkout.
 
-The side-by-side path runs against a stand-in checkout (the three files the benchmark uses, written here:
+The side-by-side path runs against a stand-in checkout (the files the benchmark uses, written here:
 a prepare.py that refuses to download and a train.py that checks its command line and prints nanoGPT's
 evaluation lines), so it is tested without nanoGPT's code; the real comparison is the benchmark's job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -46,6 +47,8 @@ def _fake_nanogpt(root: Path) -> Path:
     (d / "config" / "train_shakespeare_char.py").write_text("# the recipe's config\n")
     (d / "data" / "shakespeare_char" / "prepare.py").write_text(PREPARE)
     (d / "train.py").write_text(TRAIN)
+    (d / "model.py").write_text("# the model, which the stand-in train.py does not need\n")
+    (d / "configurator.py").write_text("# the command-line overrides, parsed by the stand-in itself\n")
     return d
 
 
@@ -83,6 +86,10 @@ def test_side_by_side_interleaves_both_systems_on_the_same_text(tmp_path):
     assert summary["lmzoo_val_loss"] == [recs[1]["val_loss"], recs[3]["val_loss"]]
     ratio = summary["lmzoo_wall_median_s"] / summary["nanogpt_wall_median_s"]
     assert abs(summary["wall_ratio_lmzoo_over_nanogpt"] - ratio) < 1e-3
+    # which nanoGPT code ran is on record even without git: the hash of each file
+    hashes = summary["nanogpt_files_sha256"]
+    assert hashes["train.py"] == hashlib.sha256((nanogpt / "train.py").read_bytes()).hexdigest()
+    assert len(hashes) == 5 and len(set(hashes.values())) == 5
     # nanoGPT read the same text, copied in (never downloaded), and the user's checkout was left as it was
     copied = tmp_path / "work" / "nanogpt" / "data" / "shakespeare_char" / "input.txt"
     assert copied.read_text() == text.read_text()

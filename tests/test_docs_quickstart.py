@@ -65,6 +65,15 @@ def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return root, env
 
 
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    setup = [line for line in code_blocks(readme, "bash")[0].splitlines() if line.strip()]
+    command = setup[1].split("#")[0].strip()
+    assert TEST_COMMAND in command and command.startswith('pip install -e ".[dev]"')
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert ci[-1].strip() == command, f".ci/run ends with {ci[-1]!r}, the README's test command is {command!r}"
+
+
 def test_readme_quickstart_runs_as_written_in_a_fresh_clone(clone):
     root, env = clone
     if not SHAKESPEARE.is_file():

@@ -147,7 +147,8 @@ def test_eval_library_functions_refuse_negative_sizes_too(data_dir):
 
 
 @pytest.mark.parametrize("content", [os.urandom(3000), b"[" * 100_000, b"5\n", b'{"ctx": "a", "endings": ["b"], '
-                                     b'"label": Infinity}\n'])
+                                     b'"label": Infinity}\n'],
+                         ids=["random-bytes", "deep-nesting", "a-number", "infinite-label"])
 def test_eval_task_file_that_is_not_a_task_is_one_line(content, ckpt_dir, tmp_path, capsys):
     task = tmp_path / "binary.bin"
     task.write_bytes(content)
