@@ -35,23 +35,13 @@ PATH = ("int8 weight-only linears (torch.ops.aten._weight_int8pack_mm, bfloat16 
 
 
 def bytes_per_token(model: nn.Module) -> int:
-    """Weight bytes one decode step reads: every parameter and every quantized layer's buffers once, except
-    an embedding table that is not also the head's weight, of which a lookup reads one row."""
+    """Weight bytes one decode step reads: all the weights (``weight_bytes``: quantized layers' included),
+    except an embedding table that is not also the head's weight, of which a lookup reads one row."""
     head = getattr(model, "head", None)
     head_weight = head.weight if type(head) is nn.Linear else None
-    seen: set[int] = set()
-    total = 0
-    for m in model.modules():
-        tensors = list(m.parameters(recurse=False))
-        if hasattr(m, "packed_params"):  # a quantized layer: its weight lives in buffers
-            tensors += list(m.buffers(recurse=False))
-        for t in tensors:
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            one_row = isinstance(m, nn.Embedding) and t is not head_weight
-            total += (t.shape[-1] if one_row else t.numel()) * t.element_size()
-    return total
+    tables = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Embedding)
+              and m.weight is not head_weight}
+    return model.weight_bytes() - sum((t.numel() - t.shape[-1]) * t.element_size() for t in tables.values())
 
 
 def matvec_bandwidth(repeats: int = 9) -> float:

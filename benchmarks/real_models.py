@@ -130,8 +130,9 @@ def hf_nll(hf, ids: np.ndarray, block: int) -> tuple[float, int]:
 def step_tokens_per_s(run_dir: Path) -> float:
     """Training tokens/s over the optimizer steps alone (the run's metrics.jsonl ``train`` records: tokens
     seen over the summed step times), without the evaluations and checkpoint writes the wall time holds."""
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-             if '"kind": "train"' in line]
+    from lmzoo.train.metrics import read_metrics
+
+    steps = [r for r in read_metrics(run_dir) if r.get("kind") == "train"]
     return steps[-1]["tokens"] / (sum(r["step_ms"] for r in steps) / 1e3)
 
 
@@ -483,7 +484,7 @@ def cmd_speculative(a: argparse.Namespace) -> None:
             times[name] += time.perf_counter() - t0
             same[name] &= out[0] == ref
             acc[name][0] += sum(stats.accepted)
-            acc[name][1] += proposed(stats.accepted, a.k, a.new_tokens)
+            acc[name][1] += stats.proposed
             acc[name][2] += stats.steps
     n = a.new_tokens * len(prompts)
     base = n / times["greedy"]
@@ -497,16 +498,6 @@ def cmd_speculative(a: argparse.Namespace) -> None:
                      f"{tps:.2f}", f"{tps / base:.2f}x", "yes" if same[name] else "NO"])
     table(["decoding", "draft parameters", "acceptance rate", "tokens per target pass", "tokens/s", "vs greedy",
            "same tokens as greedy"], rows)
-
-
-def proposed(accepted: list[int], k: int, new_tokens: int) -> int:
-    """Draft tokens proposed over a speculative run: each step drafts min(k, tokens still to make - 1) and
-    commits its accepted drafts plus one token (lmzoo.decoding.speculative.speculative_generate)."""
-    total, done = 0, 0
-    for kept in accepted:
-        total += min(k, new_tokens - done - 1)
-        done += kept + 1
-    return total
 
 
 def training_flags(p: argparse.ArgumentParser, steps: int, batch: int, block: int, lr: float | None = None) -> None:

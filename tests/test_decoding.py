@@ -43,6 +43,7 @@ def test_jacobi_decoding_equals_greedy(preset, overrides, block):
     sizes = [min(block, 20 - i) for i in range(0, 20, block)]
     assert len(stats.iterations) == len(sizes) and all(1 <= it <= n for it, n in zip(stats.iterations, sizes))
     assert stats.steps == sum(stats.iterations) and stats.tokens == 20
+    assert sum(stats.accepted) <= stats.proposed <= (block - 1) * stats.steps
 
 
 def test_jacobi_converges_in_one_iteration_when_the_guess_is_right():
@@ -93,6 +94,7 @@ def test_speculative_greedy_equals_greedy(preset, overrides, k):
     out, stats = speculative_generate(target, draft, ps, 20, k=k, temperature=0)
     assert out == ref
     assert stats.tokens == 20 and all(0 <= a <= k for a in stats.accepted)
+    assert sum(stats.accepted) <= stats.proposed <= k * stats.steps  # each step drafts at most k
     assert [speculative_generate(target, draft, [p], 20, k=k, temperature=0)[0][0] for p in ps] == ref
     # the target as its own draft: every draft is accepted, k + 1 tokens per target pass
     out, stats = speculative_generate(target, target, ps[:1], 20, k=k, temperature=0)

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import lmzoo
 from _tiny_run import SENTENCES, tiny_run
@@ -36,6 +37,14 @@ def test_windowed_nll_equals_the_sum_over_windows(run):
     parts = [sequence_nll(model, ids[i : i + 17], block_size=16)[0] for i in range(0, len(ids) - 1, 16)]
     assert n == len(ids) - 1
     assert total == pytest.approx(sum(parts), rel=1e-5)
+
+
+def test_evaluation_builds_no_autograd_graph(run):
+    model, tok = lmzoo.load(run), load_tokenizer_of(run)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append((torch.is_grad_enabled(), out.logits.requires_grad)))
+    sequence_nll(model, tok.encode(SENTENCES), block_size=16)
+    assert seen and all(s == (False, False) for s in seen)
 
 
 def test_split_evaluation_reads_the_prepared_val_tokens(run):

@@ -100,6 +100,7 @@ def test_self_speculative_greedy_equals_ordinary_greedy(preset, overrides, n):
     assert out == ref
     assert stats.tokens == 18 and stats.steps == len(stats.accepted)
     assert all(0 <= a <= n - 1 for a in stats.accepted)
+    assert sum(stats.accepted) <= stats.proposed <= (n - 1) * stats.steps
     assert stats.steps == 18 if n == 1 else stats.steps <= 18
     for p, r in zip(prompts, ref):  # one row alone gives the same tokens
         assert self_speculative_generate(m, [p], 18)[0] == [r]

@@ -48,6 +48,9 @@ def test_int8_model_logits_stay_close_and_its_weights_take_a_quarter_of_float32(
     assert model.num_params() == before + model.embed.weight.numel()
     int8 = [model.get_submodule(n) for n in names]
     assert sum(m.qweight.numel() for m in int8) == blocks + model.head.qweight.numel()
+    # the model's weight bytes hold each int8 layer's stored bytes, not only the float parameters left
+    rest = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    assert model.weight_bytes() == rest + sum(m.weight_bytes() for m in int8)
     out = model(x).logits
     assert torch.equal(out.argmax(-1), ref.argmax(-1)) or (out - ref).abs().max() < 0.05 * ref.abs().max()
     with pytest.raises(ConfigError, match="already quantized"):

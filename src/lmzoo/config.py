@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -217,6 +218,7 @@ class Config:
         return cls.from_dict(read_json(path))
 
 
+@functools.cache  # parsed once per class: every `lmzoo` command builds the parsers that read it
 def field_docs(cls: type) -> dict[str, tuple[str, str]]:
     """``{field: (meaning, section)}`` of a config dataclass, read from the comments in its source.
 

@@ -38,8 +38,6 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from lmzoo.decoding.generate import check_sampling, encode_prompt, stream
     from lmzoo.formats.load import load_any
 
-    if extra:
-        raise ConfigError(f"generate: unrecognized arguments: {' '.join(extra)}")
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
@@ -90,12 +88,6 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-
-
-
-
-
-
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     import json
 
@@ -103,8 +95,6 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from lmzoo.evaluation import evaluate as ev
     from lmzoo.formats.load import load_any
 
-    if extra:
-        raise ConfigError(f"eval: unrecognized arguments: {' '.join(extra)}")
     if not (args.data_dir or args.text or args.task):
         raise ConfigError("eval: give --data-dir DIR (with --split), --text FILE or --task FILE.jsonl")
     ev.check_eval_settings(args.batch_size, args.block_size, args.max_tokens, args.limit)  # before loading
@@ -139,18 +129,12 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-
-
-
-
 def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
     from lmzoo.common import resolve_device, resolve_dtype
     from lmzoo.decoding.generate import check_sampling
     from lmzoo.formats.load import load_any
     from lmzoo.serving.chat import ChatSession, run_chat
 
-    if extra:
-        raise ConfigError(f"chat: unrecognized arguments: {' '.join(extra)}")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before loading
     model, tok = load_any(args.checkpoint, device=str(resolve_device(args.device)), dtype=resolve_dtype(args.dtype),
                           quantize=args.quantize)
@@ -165,8 +149,6 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     from lmzoo.serving.serve import serve
 
-    if extra:
-        raise ConfigError(f"serve: unrecognized arguments: {' '.join(extra)}")
     serve(args.checkpoint, host=args.host, port=args.port, device=args.device, model_name=args.model_name,
           max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes, template=args.template,
           read_timeout_s=args.read_timeout, max_connections=args.max_connections, api_key=args.api_key,
@@ -311,8 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)  # lmzoo bench train|generate (cli_bench.py, docs/performance.md)
     add_convert_parsers(sub)  # lmzoo convert, lmzoo merge-lora (cli/convert.py)
     return canonicalize(p)  # one spelling of every option: --max_new_tokens (--max-new-tokens is read too)
-
-
 
 
 def _check_extra(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], extra: list[str]) -> None:

@@ -90,8 +90,6 @@ def save_hf_tokenizer(tok: Any, directory: Path) -> None:
 def cmd_convert(args: argparse.Namespace, extra: list[str]) -> int:
     from lmzoo.formats.load import load_any
 
-    if extra:
-        raise ConfigError(f"convert: unrecognized arguments: {' '.join(extra)}")
     model, tok = load_any(args.src)
     out = write_model(model, tok, args.dst, args.to, args.dtype)
     print(f"wrote {out} ({args.to}, {model.family}, {model.num_params():,} parameters)")
@@ -103,8 +101,6 @@ def cmd_merge_lora(args: argparse.Namespace, extra: list[str]) -> int:
     from lmzoo.peft.lora import lora_modules, merge_lora
     from lmzoo.peft.qlora import dequantize_model
 
-    if extra:
-        raise ConfigError(f"merge-lora: unrecognized arguments: {' '.join(extra)}")
     model, tok = load_any(args.run)
     n = len(list(lora_modules(model)))
     if n == 0:

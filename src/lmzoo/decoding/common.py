@@ -66,11 +66,13 @@ def prepare_prompts(prompts: Sequence[Sequence[int]] | torch.Tensor, device) -> 
 @dataclass
 class DecodeStats:
     """What a parallel decoder did: ``steps`` model forward passes (verification steps) after the
-    prefill, producing ``tokens`` tokens per row; ``accepted`` guesses kept in each step."""
+    prefill, producing ``tokens`` tokens per row; ``accepted`` guesses kept in each step, of ``proposed``
+    guesses verified in all (an acceptance rate is ``sum(accepted) / proposed``)."""
 
     steps: int = 0
     tokens: int = 0
     accepted: list[int] = field(default_factory=list)
+    proposed: int = 0
 
     @property
     def tokens_per_step(self) -> float:

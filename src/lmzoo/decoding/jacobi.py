@@ -114,6 +114,7 @@ def jacobi_generate(
                 guess = g[:, m:]  # the Jacobi update of the positions still open
                 states.append(torch.cat([done, guess], 1))
                 stats.accepted.append(m - 1)
+                stats.proposed += r - 1
             stats.iterations.append(iters)
             stats.steps += iters
             if trajectories is not None:

@@ -171,6 +171,7 @@ def speculative_generate(
             dc.rollback(min(dc.pos, L + a))
             stats.steps += 1
             stats.accepted.append(a)
+            stats.proposed += kk
         stats.tokens = min(seq.shape[1] - P, max_new_tokens)
     finally:
         target.train(modes[0])

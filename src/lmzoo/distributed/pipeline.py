@@ -40,7 +40,7 @@ from torch import nn
 
 from lmzoo.distributed.runtime import DistContext
 from lmzoo.errors import ConfigError
-from lmzoo.layers.moe import MoE
+from lmzoo.layers.moe import MoE, add_router_losses
 from lmzoo.models.base import Blocks, LanguageModel, lm_loss
 
 
@@ -139,9 +139,9 @@ class Pipeline:
             return lm_loss(out, y) * self.scale
         logits, balance, z = out
         loss = lm_loss(logits, y)
-        if self.with_router:
-            w_balance, w_z = self.router_weights
-            loss = loss + (w_balance * balance.sum() + w_z * z.sum()) / self.n_moe
+        if self.with_router:  # the model's own objective: the router losses averaged over its MoE layers
+            aux = {"moe_balance": balance.sum() / self.n_moe, "moe_z": z.sum() / self.n_moe}
+            loss = add_router_losses(loss, aux, *self.router_weights)
         return loss * self.scale
 
     def parameters(self) -> list[nn.Parameter]:

@@ -122,7 +122,6 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
     from lmzoo.models import PRESETS, build_model, preset_config
     from lmzoo.train import TrainConfig
     from lmzoo.train.config import steps_for_tokens
-    from lmzoo.train.mfu import train_flops_per_token
     from lmzoo.train.variants import apply_variants
 
     kind, amount = next(iter(exp["budget"].items()))
@@ -153,7 +152,7 @@ def _train_dicts(exp: dict[str, Any], data_dir: str) -> list[tuple[str, int, dic
         elif kind == "flops":  # the FLOPs of the model the run trains: its variants too (extra heads)
             with torch.device("meta"):
                 model = apply_variants(build_model(PRESETS[settings["model"]][0], mcfg), tc.multi_token, tc.bitnet)
-                fpt = train_flops_per_token(model, T, tc.recurrence)  # XL: its memory only with recurrence
+                fpt = model.flops_per_token(T, recurrent=tc.recurrence)  # XL: its memory only with recurrence
             settings["max_steps"] = steps_for_tokens(float(amount) / fpt, tc, T)
         else:  # wall clock: the step count is only a ceiling, the schedule follows time
             settings["max_time_s"] = float(amount)

@@ -90,7 +90,6 @@ def _context_length(model, block_size: int | None) -> int:
     return T
 
 
-@torch.inference_mode()
 def _bar(total: int, unit: str, progress: bool):
     """A tqdm bar on stderr for an input of ``total`` units when ``progress`` and the input is long (more
     than LONG_INPUT_STEPS model calls); a disabled one otherwise (short inputs finish at once)."""
@@ -100,6 +99,7 @@ def _bar(total: int, unit: str, progress: bool):
                 disable=not progress or total <= LONG_INPUT_STEPS)
 
 
+@torch.inference_mode()
 def sequence_nll(
     model, ids: Sequence[int] | np.ndarray | torch.Tensor, block_size: int | None = None, batch_size: int = 8,
     progress: bool = False,

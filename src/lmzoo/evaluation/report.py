@@ -64,15 +64,16 @@ def render_section(directory: str | Path, out_dir: str | Path) -> str:
     lines = [f"## {meta.get('title') or meta['name']}", ""]
     if meta.get("description"):
         lines += [meta["description"].strip(), ""]
-    lines += ["Reproduce:", "", "```", meta.get("command") or f"lmzoo compare  # {meta['name']}", "```", ""]
-    lines += [f"Machine: {_machine_line(meta.get('machine', {}))}; run on {meta.get('date', '?')}.  "]
+    command = meta.get("command") or f"lmzoo compare  # {meta['name']}"
+    machine = _machine_line(meta.get("machine", {}))
+    lines += ["Reproduce:", "", "```", command, "```", ""]
+    lines += [f"Machine: {machine}; run on {meta.get('date', '?')}.  "]
     lines += [f"Budget: {budget} per run; seeds {', '.join(map(str, seeds)) or '?'}.", ""]
     rel = Path(os.path.relpath(d, out_dir)).as_posix()
-    command = meta.get("command") or f"lmzoo compare  # {meta['name']}"
     lines += [table_markdown(table).rstrip(), ""]
     # the line tests/test_docs_figures.py checks: the stored table this one is rendered from, and its command
     lines += [f"Source: [{rel}/table.json]({rel}/table.json), written by `{command}` on {meta.get('date', '?')} "
-              f"({_machine_line(meta.get('machine', {}))}).", ""]
+              f"({machine}).", ""]
     plots = [(axis, name) for axis, name in PLOTS.items() if (d / name).is_file()]
     if plots:
         lines += [" ".join(f"![val loss vs {axis}]({rel}/{name})" for axis, name in plots), ""]

@@ -29,15 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from lmzoo.common import optional_import, pyplot
-from lmzoo.errors import ConfigError, LmzooError
+from lmzoo.errors import ConfigError, Interrupted
 
 HUBER_DELTA = 1e-3
 
 
-class SweepInterrupted(LmzooError):
+class SweepInterrupted(Interrupted):
     """A sweep's run stopped before its last step (a signal): exit code 130, like an interrupt."""
-
-    exit_code = 130
 
 
 @dataclasses.dataclass

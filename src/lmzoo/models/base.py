@@ -80,8 +80,8 @@ class Context:
 
 class Blocks(nn.ModuleDict):
     """The residual blocks, keyed by layer index: ``blocks.3.mixer...`` in the state dict, as an
-    ``nn.ModuleList`` names them. A pipeline stage keeps some of them (:meth:`keep`); each block
-    keeps its own index, so a stage's names are the whole model's."""
+    ``nn.ModuleList`` names them. A pipeline stage holds some of them (``distributed/pipeline.py``,
+    ``stage_of``); each block keeps its own index, so a stage's names are the whole model's."""
 
     def __init__(self, blocks=()):
         super().__init__({str(i): b for i, b in enumerate(blocks)})
@@ -100,12 +100,6 @@ class Blocks(nn.ModuleDict):
     def indexed(self) -> Iterator[tuple[int, nn.Module]]:
         """(layer index, block) in order."""
         return ((int(k), b) for k, b in self.items())
-
-    def keep(self, layers: range) -> None:
-        """Drop every block whose index is not in ``layers`` (a pipeline stage's share)."""
-        for k in list(self.keys()):
-            if int(k) not in layers:
-                del self[k]
 
 
 class Block(nn.Module):
@@ -139,10 +133,12 @@ class ModelConfig(Config):
     """The base of the families' configs: the checks they share (each family's ``validate`` calls
     the ones that apply to it, then its own)."""
 
-    def require_positive(self, *names: str) -> None:
+    def require_positive(self, *names: str, optional: bool = False) -> None:
+        """Each named field is > 0; ``optional``: or None (a size the family derives when not given)."""
         for name in names:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (optional and value is None) and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
 
     def check_heads(self) -> None:
         """``n_kv_head`` (None: multi-head) divides ``n_head`` (grouped-query attention)."""
@@ -349,14 +345,17 @@ class LanguageModel(nn.Module):
         return self.num_params(non_embedding=True) - skipped
 
     def weight_bytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes the weights take (in ``dtype`` if given, else as stored)."""
+        """Bytes the weights take (in ``dtype`` if given, else as stored): every parameter once, and the
+        buffers of quantized layers (modules with ``packed_params()``), which hold their weights."""
         if dtype is not None:
             return self.num_params() * torch.empty((), dtype=dtype).element_size()
         seen, n = set(), 0
-        for p in self.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                n += p.numel() * p.element_size()
+        for m in self.modules():
+            packed = m.buffers(recurse=False) if hasattr(m, "packed_params") else ()
+            for t in (*m.parameters(recurse=False), *packed):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    n += t.numel() * t.element_size()
         return n
 
     @property

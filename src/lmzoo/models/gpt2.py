@@ -93,8 +93,7 @@ class GPTConfig(ModelConfig):
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError(f"RoPE needs an even head dimension, got {self.n_embd // self.n_head}")
         self.check_dropout()
-        if self.mlp_hidden is not None and self.mlp_hidden <= 0:
-            raise ConfigError(f"mlp_hidden must be positive, got {self.mlp_hidden}")
+        self.require_positive("mlp_hidden", optional=True)
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ConfigError("norm_eps, rope_theta and init_std must be positive")
         self.check_experts()

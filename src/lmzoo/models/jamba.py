@@ -95,8 +95,7 @@ class JambaConfig(ModelConfig):
                 f"need n_experts >= 0 and 1 <= n_experts_per_tok <= n_experts, got {self.n_experts}, "
                 f"{self.n_experts_per_tok}"
             )
-        if self.dt_rank is not None and self.dt_rank <= 0:
-            raise ConfigError(f"dt_rank must be positive, got {self.dt_rank}")
+        self.require_positive("dt_rank", optional=True)
         if self.scan_segment % self.scan_chunk:
             raise ConfigError("scan_segment must be a multiple of scan_chunk")
         self.check_dropout()
@@ -210,7 +209,7 @@ class Jamba(LanguageModel):
     def begin(self, idx: torch.Tensor, cache: DecodingState | None) -> tuple[torch.Tensor, Context]:
         """The token embedding and the attention layers' mask (no positions anywhere: the Mamba
         layers tell the attention layers the order)."""
-        x = idx if idx.is_floating_point() else self.embed(idx)  # (B, T, C)
+        x = self.embed_tokens(idx)  # (B, T, C)
         return x, Context(cache, None, {None: cache.mask(idx.shape[1]) if cache is not None else (None, True)})
 
     def init_cache(

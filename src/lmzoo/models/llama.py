@@ -91,22 +91,18 @@ class LlamaConfig(ModelConfig):
             self.head_dim = self.n_embd // self.n_head
         if self.head_dim <= 0 or self.head_dim % 2:
             raise ConfigError(f"RoPE needs a positive even head dimension, got {self.head_dim}")
-        if self.mlp_hidden is not None and self.mlp_hidden <= 0:
-            raise ConfigError(f"mlp_hidden must be positive, got {self.mlp_hidden}")
+        self.require_positive("mlp_hidden", "sliding_window", optional=True)
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ConfigError("norm_eps, rope_theta and init_std must be positive")
         if self.rope_scaling != "none" and self.rope_factor < 1:
             raise ConfigError(f"rope_factor must be >= 1 to extend the context, got {self.rope_factor}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
         if set(self.window_pattern) - {"L", "G"}:
             raise ConfigError(f"window_pattern takes 'L' (local), 'G' (global); got {self.window_pattern!r}")
         if self.window_pattern and self.sliding_window is None:
             raise ConfigError("window_pattern needs a sliding_window for its local layers")
         self.check_experts()
         self.check_dropout()
-        if self.infini_segment <= 0:
-            raise ConfigError(f"infini_segment must be positive, got {self.infini_segment}")
+        self.require_positive("infini_segment")
         if self.attention == "infini" and self.sliding_window is not None:
             raise ConfigError("attention=infini already attends locally (within segments): drop sliding_window")
 

@@ -29,7 +29,7 @@ from lmzoo.cache import DecodingState, MambaCache
 from lmzoo.errors import ConfigError
 from lmzoo.layers.norm import RMSNorm
 from lmzoo.layers.ssm import SelectiveSSM
-from lmzoo.models.base import Block, Blocks, Context, LanguageModel, ModelConfig
+from lmzoo.models.base import Block, Blocks, Context, LanguageModel, ModelConfig, renamed
 
 
 @dataclasses.dataclass
@@ -56,8 +56,7 @@ class MambaConfig(ModelConfig):
     def validate(self) -> None:
         self.require_positive("vocab_size", "block_size", "n_layer", "n_embd", "d_state", "d_conv", "expand",
                               "scan_chunk", "scan_segment")
-        if self.dt_rank is not None and self.dt_rank <= 0:
-            raise ConfigError(f"dt_rank must be positive, got {self.dt_rank}")
+        self.require_positive("dt_rank", optional=True)
         if self.scan_segment % self.scan_chunk:
             raise ConfigError(
                 f"scan_segment ({self.scan_segment}) must be a multiple of scan_chunk ({self.scan_chunk})"
@@ -110,8 +109,7 @@ class Mamba(LanguageModel):
     config_class = MambaConfig
     # the block's norm was `norm` and the final one `norm_f` (renamed in this order)
     legacy_names = ((r"(?<![\w])(blocks\.\d+)\.norm(?![\w])", r"\1.mixer_norm"),
-                    (r"(?<![\w])wte(?![\w])", "embed"), (r"(?<![\w])norm_f(?![\w])", "norm"),
-                    (r"(?<![\w])lm_head(?![\w])", "head"))
+                    *renamed(("wte", "embed"), ("norm_f", "norm"), ("lm_head", "head")))
 
     def __init__(self, config: MambaConfig):
         super().__init__()
@@ -155,7 +153,7 @@ class Mamba(LanguageModel):
     def begin(self, idx: torch.Tensor, cache: DecodingState | None) -> tuple[torch.Tensor, Context]:
         """The token embedding; the mixers take the state straight from the cache (any chunk length:
         a chunked prefill runs the parallel scan from the cached state, one token the recurrent step)."""
-        return (idx if idx.is_floating_point() else self.embed(idx)), Context(cache)
+        return self.embed_tokens(idx), Context(cache)
 
     def init_cache(
         self, batch: int, max_len: int | None = None, dtype=None, device=None, pad=None, rollback: bool = False

@@ -93,10 +93,6 @@ class MTPCache(DecodingState):
     def tensors(self) -> list[torch.Tensor]:
         return [t for c in (self.trunk, *self.heads) for t in c.tensors()]
 
-    def advance(self, T: int) -> None:
-        for c in (self.trunk, *self.heads):
-            c.advance(T)
-
 
 class MTPHead(nn.Module):
     """An extra output head: one Transformer block and a final norm (the unembedding is shared)."""
@@ -152,6 +148,10 @@ class MultiTokenLM(LanguageModel):
 
     def run_head(self, i: int, h: torch.Tensor, ctx: Context, cache: MTPCache | None = None) -> torch.Tensor:
         """Head i on the trunk output h (B, T, C) -> logits (B, T, V) (writes the head's cache, if any)."""
+        return self.base.logits(self.head_hidden(i, h, ctx, cache))
+
+    def head_hidden(self, i: int, h: torch.Tensor, ctx: Context, cache: MTPCache | None = None) -> torch.Tensor:
+        """Head i's block and norm on the trunk output h (B, T, C) -> (B, T, C), before the unembedding."""
         block, norm = self.head_modules(i)
         last = len(self.base.blocks) - 1
         if cache is None:
@@ -161,7 +161,7 @@ class MultiTokenLM(LanguageModel):
         else:
             c, layer = cache.heads[i - 1], 0  # an extra head's block is layer 0 of its own cache
         y, _ = block(h, dataclasses.replace(ctx, cache=c), layer)
-        return self.base.logits(norm(y))
+        return norm(y)
 
     def head_logits(self, idx: torch.Tensor, cache: MTPCache | None = None) -> list[torch.Tensor]:
         """Every head's logits: a list of n tensors (B, T, V); head i predicts the token i places ahead."""
@@ -186,12 +186,13 @@ class MultiTokenLM(LanguageModel):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: MTPCache | None = None,
                 last_only: bool = False) -> LMOutput:
         if targets is None:
-            if cache is not None:  # every head runs: each head's cache must hold every position
-                logits = self.head_logits(idx, cache)[0]
-            else:  # only head 1 is needed
-                h, ctx = self.trunk(idx)
-                logits = self.run_head(0, h, ctx)
-            return LMOutput(logits[:, -1:] if last_only else logits)
+            if cache is None:  # only head 1 is needed: the base model's own forward
+                return self.base(idx, last_only=last_only)
+            # every head's block runs, so that each head's cache holds every position; only head 1 is unembedded
+            h, ctx = self.trunk(idx, cache.trunk)
+            y = [self.head_hidden(i, h, ctx, cache) for i in range(self.n_future)][0]
+            cache.advance(idx.shape[1])
+            return LMOutput(self.base.logits(y[:, -1:] if last_only else y))
         h, ctx = self.trunk(idx, cache.trunk if cache is not None else None)
         # head i (0-based) predicts idx[t + i + 1] = targets[t + i]; the last i positions have no target
         shifted = [torch.nn.functional.pad(targets[:, i:], (0, i), value=-1) for i in range(self.n_future)]
@@ -297,5 +298,6 @@ def self_speculative_generate(
             drafts = [lg[:, a].argmax(-1) for lg in heads[1:]]
             stats.steps += 1
             stats.accepted.append(a)
+            stats.proposed += block.shape[1] - 1
         stats.tokens = min(seq.shape[1] - P, max_new_tokens)
     return seq[:, P : P + max_new_tokens].tolist(), stats

@@ -69,9 +69,7 @@ class TransformerXLConfig(ModelConfig):
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set d_head")
         if self.n_embd % 2:
             raise ConfigError(f"the sinusoid encoding needs an even n_embd, got {self.n_embd}")
-        for name in ("d_head", "d_inner", "clamp_len"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        self.require_positive("d_head", "d_inner", "clamp_len", optional=True)
         self.check_dropout()
         if self.attn_backend not in ("sdpa", "reference"):
             raise ConfigError(f"attn_backend must be sdpa or reference, got {self.attn_backend!r}")

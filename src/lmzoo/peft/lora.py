@@ -423,6 +423,10 @@ PEFT_REFUSED: dict[str, tuple[tuple[str, str], ...]] = {
         (r"\.dt_proj$", _DT_PROJ),
         (r"\.out_proj$", "peft refuses LoRA on a Mamba model's out_proj"),
     ),
+    "llama": (
+        (r"\.router$", "transformers' Mixtral router is not a Linear layer (peft cannot load it); merge it instead "
+                       "(export_merged_hf)"),
+    ),
     "jamba": (
         (r"\.dt_proj$", _DT_PROJ),
         (r"\.router$", "transformers' Jamba router is not a Linear layer (peft refuses it)"),
@@ -440,20 +444,16 @@ PEFT_REFUSED: dict[str, tuple[tuple[str, str], ...]] = {
 # one of its experts, and either ``down`` alone or all three; gate and up without down load without error but
 # without effect (peft nests the gate_up wrapper inside the down one and finds no key for it).
 _MIXTRAL_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)$")
-_MIXTRAL_ROUTER = re.compile(r"^model\.layers\.\d+\.block_sparse_moe\.gate$")
 _EXPERT_SETS = ({"w2"}, {"w1", "w2", "w3"})  # per layer: the projections peft applies exactly
 
 
 def _peft_expert_targets(targets: list[str], n_experts: int, lmzoo_name: dict[str, str]) -> list[str]:
     """``target_modules`` for peft: Mixtral's per-expert modules by their short names (``w1``, ``w2``,
-    ``w3``: what peft converts onto the fused experts), everything else by full name. ConfigError for an
-    adapter peft would reject or load without applying (see above), naming the lmzoo module."""
+    ``w3``: what peft converts onto the fused experts), everything else by full name. ConfigError for expert
+    adapters peft would reject or load without applying (see above), naming the lmzoo module."""
     layers: dict[str, dict[str, set[int]]] = {}
     plain = []
     for t in targets:
-        if _MIXTRAL_ROUTER.match(t):
-            raise ConfigError(f"cannot export the adapter on {lmzoo_name[t]!r} in peft format: transformers' Mixtral "
-                              "router is not a Linear layer (peft cannot load it); merge it instead (export_merged_hf)")
         m = _MIXTRAL_EXPERT.match(t)
         if m:
             layers.setdefault(m.group(1), {}).setdefault(m.group(3), set()).add(int(m.group(2)))

@@ -57,7 +57,7 @@ from lmzoo.common import optional_import
 from lmzoo.decoding.generate import SEED_LIMIT, check_sampling, encode_prompt
 from lmzoo.errors import QUOTE_CHARS, ConfigError, LmzooError, quote
 from lmzoo.serving.chat import stream_text
-from lmzoo.serving.templates import TEMPLATES, render_chat, template_of
+from lmzoo.serving.templates import check_template, render_chat
 from lmzoo.serving.worker import END, GenerationWorker, Job, QueueFull, Task
 
 DEFAULT_MAX_TOKENS_LIMIT = 512
@@ -150,12 +150,7 @@ class Server:
                 raise ConfigError(f"{name} must be positive, got {quote(v)}")
         if api_key is not None and not api_key.strip():
             raise ConfigError("the API key must not be empty")
-        if template not in TEMPLATES:
-            raise ConfigError(f"unknown chat template {quote(template)}; choose from {', '.join(TEMPLATES)}")
-        # the model's own template is compiled and checked now: one refused is a line at start, not a 400 later
-        own = template_of(tokenizer) if template in ("auto", "model") else None
-        if template == "model" and own is None:
-            raise ConfigError("--template model: this model's tokenizer has no chat template (use transcript or raw)")
+        check_template(tokenizer, template)  # compiled and checked now: a line at start, not a 400 later
         self.model, self.tokenizer, self.model_name, self.template = model, tokenizer, model_name, template
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
         self.max_request_tokens, self.read_timeout_s = max_request_tokens, float(read_timeout_s)

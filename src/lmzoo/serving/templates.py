@@ -35,7 +35,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.errors import CheckpointError, ConfigError, quote
 from lmzoo.tokenizer import SpecialText, Tokenizer
 
 TEMPLATES = ("auto", "model", "transcript", "raw")
@@ -163,6 +163,18 @@ def end_of_turn(tokenizer: Tokenizer) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def check_template(tokenizer: Tokenizer | None, template: str) -> ChatTemplate | None:
+    """The compiled model template ``template`` asks for (``auto``/``model`` with a tokenizer that has one), or
+    None; a one-line ConfigError for a template name that is not one of :data:`TEMPLATES`, or for ``model``
+    when the tokenizer has none. serve calls it at start, so a refused template is a line, not a 400 later."""
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown chat template {quote(template)}; choose from {', '.join(TEMPLATES)}")
+    compiled = template_of(tokenizer) if template in ("auto", "model") else None
+    if template == "model" and compiled is None:
+        raise ConfigError("--template model: this model's tokenizer has no chat template (use transcript or raw)")
+    return compiled
+
+
 def render_chat(messages: Sequence[Any], tokenizer: Tokenizer | None = None,
                 template: str = "auto") -> tuple[str, list[str]]:
     """(prompt ending where the assistant's reply begins, stop strings) for OpenAI-style ``messages``.
@@ -172,13 +184,9 @@ def render_chat(messages: Sequence[Any], tokenizer: Tokenizer | None = None,
     :class:`~lmzoo.tokenizer.SpecialText` and its stops are the vocabulary's end-of-turn tokens.
     This is the one call chat and serve make (``lmzoo serve`` in place of ``format_chat``).
     """
-    if template not in TEMPLATES:
-        raise ConfigError(f"unknown chat template {template!r}; choose from {', '.join(TEMPLATES)}")
+    compiled = check_template(tokenizer, template)
     messages = check_messages(messages)
-    compiled = template_of(tokenizer) if template in ("auto", "model") else None
     if compiled is None:
-        if template == "model":
-            raise ConfigError("--template model: this model's tokenizer has no chat template (use transcript or raw)")
         return format_chat(messages, "transcript" if template == "auto" else template)
     assert tokenizer is not None
     prompt = compiled.render(messages, add_generation_prompt=True, **_variables(tokenizer))

@@ -95,10 +95,3 @@ def mfu(
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     return flops_per_token * tokens_per_s / (peak_flops * world_size)
-
-
-def train_flops_per_token(model, seq_len: int, recurrence: bool = False) -> float:
-    """Model FLOPs per trained token at context ``seq_len``: ``model.flops_per_token``, with the
-    memory counted when the run trains with ``recurrence`` and the model has one (Transformer-XL
-    then attends over ``mem_len`` memory states besides the segment; without a cache it does not)."""
-    return model.flops_per_token(seq_len, recurrent=recurrence)

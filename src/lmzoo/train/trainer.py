@@ -33,7 +33,7 @@ from lmzoo.models import PRESETS, build_model, config_to_dict, preset_config
 from lmzoo.train import rundir
 from lmzoo.train.activation_checkpointing import apply_activation_checkpointing
 from lmzoo.train.config import TrainConfig, accumulation_steps, grad_accum_at
-from lmzoo.train.mfu import device_peak_flops, train_flops_per_token
+from lmzoo.train.mfu import device_peak_flops
 from lmzoo.train.optimizers import make_optimizer
 from lmzoo.train.precision import apply_precision, autocast, setup_tf32
 from lmzoo.train.progress import RunReport, Stopping
@@ -177,7 +177,7 @@ class Trainer:
             if cfg.compile and self.train_model is not None else self.train_model
         )
         # with recurrence, Transformer-XL's memory is attended too (its mem_len keys)
-        self.flops_per_token = train_flops_per_token(self.model, self.block_size, cfg.recurrence)
+        self.flops_per_token = self.model.flops_per_token(self.block_size, recurrent=cfg.recurrence)
         self.peak_flops, self.device_name = device_peak_flops(self.device, cfg.peak_flops)
 
         self.step = 0

@@ -113,7 +113,7 @@ class DecoderLayout:
                        for n, parts in pending.items() for p in "qkv" if p not in parts]
             raise CheckpointError(f"missing tensor(s) {', '.join(missing[:5])}")
 
-    def state_to_hf(self, state: Mapping[str, torch.Tensor], qkv_rows: Sequence[int],
+    def state_to_hf(self, state: Mapping[str, torch.Tensor], qkv_rows: Mapping[str, int],
                     tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
         """``(HF name, tensor)`` pairs of an lmzoo state dict: qkv split into q, k, v (``qkv_rows``),
         experts apart, a tied head once (transformers re-ties it)."""
@@ -123,7 +123,13 @@ class DecoderLayout:
                     yield LM_HEAD, t.contiguous()
                 continue
             if m := re.match(r"^blocks\.(\d+)\.mixer\.qkv\.weight$", name):
-                for p, piece in zip("qkv", t.split(list(qkv_rows), dim=0)):  # clone: safetensors refuses views
+                pieces = t.split([qkv_rows[part] for part in "qkv"], dim=0)
+                for p, piece in zip("qkv", pieces):  # clone: safetensors refuses views
                     yield f"{PREFIX}layers.{m.group(1)}.self_attn.{p}_proj.weight", piece.clone()
                 continue
             yield PREFIX + self.hf_name(name), t.contiguous()
+
+
+def qkv_rows(n_head: int, n_kv_head: int, head_dim: int) -> dict[str, int]:
+    """Rows of q, k and v in the fused ``mixer.qkv`` weight (grouped-query: k and v have ``n_kv_head`` heads)."""
+    return {"q": n_head * head_dim, "k": n_kv_head * head_dim, "v": n_kv_head * head_dim}

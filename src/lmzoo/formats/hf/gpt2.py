@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError
-from lmzoo.formats.hf.decoder import NO_TOKEN_IDS
+from lmzoo.formats.hf.decoder import HEAD, LM_HEAD, NO_TOKEN_IDS
 from lmzoo.formats.tensors import check_shape
 from lmzoo.models.gpt2 import GPTConfig
 
@@ -65,8 +65,6 @@ KEY_MAP: tuple[tuple[str, str, bool], ...] = (
     ("ln_f.bias", "norm.bias", False),
 )
 PREFIX = "transformer."  # GPT2LMHeadModel nests GPT2Model under it; GPT2Model's own keys lack it
-LM_HEAD = "lm_head.weight"  # the one key outside the prefix
-HEAD = "head.weight"  # lmzoo's name for it
 IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not weights
 
 # HF activation_function -> lmzoo mlp. gelu_new, gelu_fast and gelu_pytorch_tanh are three

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError
-from lmzoo.formats.hf.decoder import NO_TOKEN_IDS, DecoderLayout
+from lmzoo.formats.hf.decoder import NO_TOKEN_IDS, DecoderLayout, qkv_rows
 from lmzoo.models.jamba import JambaConfig
 
 MAMBA_PARAMS = (
@@ -162,9 +162,8 @@ class JambaConverter:
         self, state: Mapping[str, torch.Tensor], cfg: JambaConfig
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(HF name, tensor)`` pairs of a Jamba state dict: qkv split, experts apart, a tied head once."""
-        return LAYOUT.state_to_hf(state, list(_qkv_rows(cfg).values()), cfg.tie_embeddings)
+        return LAYOUT.state_to_hf(state, _qkv_rows(cfg), cfg.tie_embeddings)
 
 
 def _qkv_rows(cfg: JambaConfig) -> dict[str, int]:
-    hd = cfg.n_embd // cfg.n_head
-    return {"q": cfg.n_head * hd, "k": cfg.n_kv_head * hd, "v": cfg.n_kv_head * hd}
+    return qkv_rows(cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError
-from lmzoo.formats.hf.decoder import NO_TOKEN_IDS, PREFIX, DecoderLayout
+from lmzoo.formats.hf.decoder import NO_TOKEN_IDS, PREFIX, DecoderLayout, qkv_rows
 from lmzoo.formats.hf.fields import is_int, is_number
 from lmzoo.models.llama import LlamaConfig
 
@@ -281,8 +281,8 @@ class LlamaConverter:
         self, state: Mapping[str, torch.Tensor], cfg: LlamaConfig
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """``(HF name, tensor)`` pairs of a Llama state dict: qkv split, experts apart, tied head once."""
-        return LAYOUT.state_to_hf(state, list(_qkv_rows(cfg).values()), cfg.tie_embeddings)
+        return LAYOUT.state_to_hf(state, _qkv_rows(cfg), cfg.tie_embeddings)
 
 
 def _qkv_rows(cfg: LlamaConfig) -> dict[str, int]:
-    return {"q": cfg.n_head * cfg.head_dim, "k": cfg.n_kv_head * cfg.head_dim, "v": cfg.n_kv_head * cfg.head_dim}
+    return qkv_rows(cfg.n_head, cfg.n_kv_head, cfg.head_dim)

@@ -30,13 +30,11 @@ from typing import Any
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError
-from lmzoo.formats.hf.decoder import NO_TOKEN_IDS
+from lmzoo.formats.hf.decoder import HEAD, LM_HEAD, NO_TOKEN_IDS
 from lmzoo.formats.tensors import check_shape
 from lmzoo.models.mamba import MambaConfig
 
 PREFIX = "backbone."
-LM_HEAD = "lm_head.weight"
-HEAD = "head.weight"  # lmzoo's name for it
 MIXER_PARAMS = (
     "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
     "dt_proj.bias", "A_log", "D", "out_proj.weight", "out_proj.bias",
